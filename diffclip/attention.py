@@ -1,0 +1,259 @@
+"""Multi-head differential attention and the standard attention it is compared with.
+
+Differential attention (Ye et al., "Differential Transformer", arXiv 2410.05258, eq. 1-3), in the
+form the DiffCLIP release uses (Hammoud and Ghanem, arXiv 2503.06626)::
+
+    [Q1; Q2] = X Wq,   [K1; K2] = X Wk,   V = X Wv
+    A1 = softmax(Q1 K1^T / sqrt(d)),   A2 = softmax(Q2 K2^T / sqrt(d))
+    lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init
+    head = (1 - lambda_init) * RMSNorm((A1 - lambda A2) V)
+
+``num_heads`` is the head count of the standard-attention baseline (the DiffCLIP convention): the layer
+has ``num_heads // 2`` differential heads whose queries and keys have ``d = dim // num_heads``
+channels each and whose values have ``2d``. Query/key channel block ``2i`` is Q1/K1 of differential
+head ``i`` and block ``2i + 1`` is its Q2/K2, which is the release's weight layout.
+
+Two numerically equivalent paths compute the heads:
+
+* fused (default): ``(A1 - lambda A2) V = A1 V - lambda A2 V``, so one
+  ``scaled_dot_product_attention`` call over the ``2h`` query/key heads forms both products
+  without materialising any N x N map;
+* exact: materialises A1 and A2 in fp32 and can keep them (``keep_maps``) for visualisation.
+
+Both layers take input ``x`` of shape (B, N, dim) and return (B, N, dim) in ``x.dtype``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["DiffAttention", "Attention", "lambda_init_schedule", "ATTENTION_TYPES", "attention_layer"]
+
+
+def lambda_init_schedule(layer_index: int) -> float:
+    """Depth schedule of lambda_init from the Differential Transformer paper (sec. 2.1).
+
+    Args:
+        layer_index: 0-based index of the layer in its tower (int >= 0).
+
+    Returns:
+        ``0.8 - 0.6 * exp(-0.3 * layer_index)`` (float, 0.2 at layer 0, tending to 0.8).
+
+    Raises:
+        ValueError: if ``layer_index`` is negative.
+    """
+    if layer_index < 0:
+        raise ValueError(f"layer_index must be >= 0, got {layer_index}")
+    return 0.8 - 0.6 * math.exp(-0.3 * layer_index)
+
+
+def _additive_mask(attn_mask: torch.Tensor | None, is_causal: bool, n_q: int, n_k: int,
+                   device: torch.device) -> torch.Tensor | None:
+    """Turns a boolean (True = attend) or additive float mask plus causality into one fp32 additive mask."""
+    mask = None
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            mask = torch.zeros(attn_mask.shape, device=device).masked_fill(~attn_mask, float("-inf"))
+        else:
+            mask = attn_mask.float()
+    if is_causal:
+        causal = torch.ones(n_q, n_k, dtype=torch.bool, device=device).tril()
+        causal = torch.zeros(n_q, n_k, device=device).masked_fill(~causal, float("-inf"))
+        mask = causal if mask is None else mask + causal
+    return mask
+
+
+def _check_mask(attn_mask: torch.Tensor | None, is_causal: bool) -> None:
+    if attn_mask is not None and is_causal:
+        raise ValueError("pass either attn_mask or is_causal=True, not both")
+
+
+class DiffAttention(nn.Module):
+    """Multi-head differential attention (arXiv 2410.05258 eq. 1-3; DiffCLIP layout).
+
+    Args:
+        dim: model width C; must be divisible by ``num_heads``.
+        num_heads: head count of the standard baseline; must be even (halved internally into
+            ``num_heads // 2`` differential heads with query/key width ``dim // num_heads``).
+        qkv_bias: bias on the q/k/v projections (True in the DiffCLIP release).
+        proj_bias: bias on the output projection.
+        attn_drop: dropout on the attention output (probability, train mode only).
+        proj_drop: dropout after the output projection.
+        lambda_init: a constant lambda_init (0.8 in the DiffCLIP release), or "schedule" for the paper's
+            depth schedule :func:`lambda_init_schedule` evaluated at ``depth``.
+        depth: 0-based index of this layer in its tower (timm's ``Block`` passes it).
+        fused: use the fused SDPA path (True) or the exact path that materialises the maps (False).
+        **kwargs: ignored arguments that timm's ``Block`` passes to its attention layer (``qk_norm``...).
+
+    Raises:
+        ValueError: if ``num_heads`` is odd, ``dim`` is not divisible by ``num_heads`` or ``lambda_init`` is an
+            unknown string.
+
+    Parameters: ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj`` (C x C), ``lambda_q1``, ``lambda_k1``,
+    ``lambda_q2``, ``lambda_k2`` (d,), initialised N(0, 0.1), ``diff_norm.weight`` (2d,).
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, proj_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, lambda_init: float | str = 0.8,
+                 depth: int = 0, fused: bool = True, **kwargs):
+        super().__init__()
+        if num_heads < 2 or num_heads % 2:
+            raise ValueError(f"differential attention needs an even num_heads (the baseline's head count, "
+                             f"halved internally), got num_heads={num_heads}")
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+        self.dim = dim
+        self.num_heads = num_heads // 2  # differential heads
+        self.head_dim = dim // num_heads  # query/key width d; values have 2d
+        if lambda_init == "schedule":
+            lambda_init = lambda_init_schedule(depth)
+        elif isinstance(lambda_init, str):
+            raise ValueError(f"lambda_init must be a number or 'schedule', got {lambda_init!r}")
+        self.lambda_init = float(lambda_init)
+        self.fused = fused
+        self.keep_maps = False
+        self.attn_maps: dict[str, torch.Tensor] | None = None
+        self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.out_proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.diff_norm = nn.RMSNorm(2 * self.head_dim, eps=1e-5)
+        self.lambda_q1 = nn.Parameter(torch.empty(self.head_dim))
+        self.lambda_k1 = nn.Parameter(torch.empty(self.head_dim))
+        self.lambda_q2 = nn.Parameter(torch.empty(self.head_dim))
+        self.lambda_k2 = nn.Parameter(torch.empty(self.head_dim))
+        self.reset_lambda()
+
+    def reset_lambda(self) -> None:
+        """Re-draws the four lambda vectors from N(0, 0.1) (the paper's initialisation)."""
+        for p in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2):
+            nn.init.normal_(p, mean=0.0, std=0.1)
+
+    def lambda_full(self) -> torch.Tensor:
+        """lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init: a 0-d fp32 tensor (arXiv 2410.05258 eq. 2)."""
+        l1 = torch.exp(torch.sum(self.lambda_q1.float() * self.lambda_k1.float()))
+        l2 = torch.exp(torch.sum(self.lambda_q2.float() * self.lambda_k2.float()))
+        return l1 - l2 + self.lambda_init
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        """Applies differential attention.
+
+        Args:
+            x: (B, N, C) float tensor.
+            attn_mask: optional mask broadcastable to (B, 1, N, N): bool (True = may attend) or additive float.
+            is_causal: mask every key after its query (text towers).
+
+        Returns:
+            (B, N, C) tensor in ``x.dtype``.
+        """
+        _check_mask(attn_mask, is_causal)
+        B, N, C = x.shape
+        h, d = self.num_heads, self.head_dim
+        q = self.q_proj(x).view(B, N, 2 * h, d).transpose(1, 2)  # (B, 2h, N, d): 2i -> Q1, 2i+1 -> Q2
+        k = self.k_proj(x).view(B, N, 2 * h, d).transpose(1, 2)
+        v = self.v_proj(x).view(B, N, h, 2 * d).transpose(1, 2)  # (B, h, N, 2d)
+        lam = self.lambda_full()
+        if self.fused and not self.keep_maps:
+            # Each value head serves both of its query/key heads: expand to (B, 2h, N, 2d), one SDPA call.
+            v2 = v.unsqueeze(2).expand(B, h, 2, N, 2 * d).reshape(B, 2 * h, N, 2 * d)
+            if attn_mask is not None and attn_mask.dim() == 4 and attn_mask.size(1) == h:
+                attn_mask = attn_mask.repeat_interleave(2, dim=1)
+            o = F.scaled_dot_product_attention(q, k, v2, attn_mask=attn_mask, is_causal=is_causal,
+                                               dropout_p=self.attn_drop.p if self.training else 0.0)
+            o = o.view(B, h, 2, N, 2 * d)
+            o = o[:, :, 0] - lam.to(o.dtype) * o[:, :, 1]  # (B, h, N, 2d)
+        else:
+            scores = (q.float() @ k.float().transpose(-1, -2)) * d ** -0.5  # (B, 2h, N, N)
+            mask = _additive_mask(attn_mask, is_causal, N, N, x.device)
+            if mask is not None:
+                if mask.dim() == 4 and mask.size(1) == h:
+                    mask = mask.repeat_interleave(2, dim=1)
+                scores = scores + mask
+            a = scores.softmax(dim=-1).view(B, h, 2, N, N)
+            a1, a2 = a[:, :, 0], a[:, :, 1]
+            diff = a1 - lam * a2
+            if self.keep_maps:
+                self.attn_maps = {"a1": a1.detach(), "a2": a2.detach(), "diff": diff.detach(),
+                                  "lambda": lam.detach()}
+            o = (self.attn_drop(diff) @ v.float()).to(x.dtype)
+        o = self.diff_norm(o) * (1.0 - self.lambda_init)
+        o = o.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.out_proj(o))
+
+
+class Attention(nn.Module):
+    """Standard multi-head softmax attention with the same interface and projection names as
+    :class:`DiffAttention` (separate ``q_proj``/``k_proj``/``v_proj``/``out_proj``), so that a model's
+    attention type is one config field (Vaswani et al. 2017; the baseline of arXiv 2503.06626).
+
+    Args:
+        dim: model width C; must be divisible by ``num_heads``.
+        num_heads: number of heads h (width ``dim // num_heads`` each).
+        qkv_bias, proj_bias, attn_drop, proj_drop, fused: as in :class:`DiffAttention`.
+        **kwargs: ignored (``lambda_init``, timm's ``qk_norm``...).
+
+    Raises:
+        ValueError: if ``dim`` is not divisible by ``num_heads``.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, proj_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, fused: bool = True, **kwargs):
+        super().__init__()
+        if num_heads < 1 or dim % num_heads:
+            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.fused = fused
+        self.keep_maps = False
+        self.attn_maps: dict[str, torch.Tensor] | None = None
+        self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.out_proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        """Same contract as :meth:`DiffAttention.forward`: (B, N, C) -> (B, N, C)."""
+        _check_mask(attn_mask, is_causal)
+        B, N, C = x.shape
+        h, d = self.num_heads, self.head_dim
+        q = self.q_proj(x).view(B, N, h, d).transpose(1, 2)
+        k = self.k_proj(x).view(B, N, h, d).transpose(1, 2)
+        v = self.v_proj(x).view(B, N, h, d).transpose(1, 2)
+        if self.fused and not self.keep_maps:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                               dropout_p=self.attn_drop.p if self.training else 0.0)
+        else:
+            scores = (q.float() @ k.float().transpose(-1, -2)) * d ** -0.5
+            mask = _additive_mask(attn_mask, is_causal, N, N, x.device)
+            if mask is not None:
+                scores = scores + mask
+            a = scores.softmax(dim=-1)
+            if self.keep_maps:
+                self.attn_maps = {"a": a.detach()}
+            o = (self.attn_drop(a) @ v.float()).to(x.dtype)
+        o = o.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.out_proj(o))
+
+
+ATTENTION_TYPES = {"diff": DiffAttention, "standard": Attention}
+
+
+def attention_layer(attn_type: str) -> type[nn.Module]:
+    """Returns the attention class for a config's ``attn_type`` ("diff" or "standard").
+
+    Raises:
+        ValueError: for any other name.
+    """
+    try:
+        return ATTENTION_TYPES[attn_type]
+    except KeyError:
+        raise ValueError(f"attn_type must be one of {sorted(ATTENTION_TYPES)}, got {attn_type!r}") from None

@@ -1,0 +1,101 @@
+"""Model factory in open_clip's style: named JSON configs, ``create_model_and_transforms``, ``get_tokenizer``."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from open_clip.tokenizer import SimpleTokenizer
+from torchvision import transforms as T
+
+from . import hub
+from .model import DiffCLIP
+
+__all__ = ["list_models", "get_model_config", "create_model", "create_model_and_transforms", "get_tokenizer",
+           "image_transform"]
+
+_CONFIG_DIR = Path(__file__).parent / "configs"
+_CONFIGS = {p.stem: json.loads(p.read_text()) for p in sorted(_CONFIG_DIR.glob("*.json"))}
+
+
+def list_models() -> list[str]:
+    """Names of the bundled model configs (``diffclip/configs/*.json``), sorted."""
+    return sorted(_CONFIGS)
+
+
+def get_model_config(name: str) -> dict:
+    """A copy of the config of ``name``: a bundled name, or ``hf-hub:org/repo`` (its ``config.json``).
+
+    Raises:
+        ValueError: for an unknown name (the message lists the known ones).
+    """
+    if name.startswith(hub.HF_HUB_PREFIX):
+        return json.loads(Path(hub.download(name[len(hub.HF_HUB_PREFIX):], "config.json")).read_text())
+    if name not in _CONFIGS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    return copy.deepcopy(_CONFIGS[name])
+
+
+def create_model(name: str, pretrained: str | None = None, device: str | torch.device | None = None) -> DiffCLIP:
+    """Builds a named model and optionally loads weights.
+
+    Args:
+        name: a name from :func:`list_models`, or ``hf-hub:org/repo`` of a model saved by ``save_pretrained``.
+        pretrained: None (random init), a release tag of the model (``cc3m``/``cc12m`` for
+            ``DiffCLIP-ViT-B-16``), ``hf-hub:org/repo[/file]``, a local directory or a checkpoint file
+            (safetensors, our checkpoints, the authors' ``checkpoint_best.pt``, open_clip/OpenAI weights).
+        device: where to put the model (default: CPU).
+
+    Returns:
+        A :class:`DiffCLIP` in eval mode when weights were loaded, train mode otherwise.
+
+    Raises:
+        ValueError: unknown name; FileNotFoundError: missing weights; RuntimeError: weights that do not fit.
+    """
+    if pretrained is None and name.startswith(hub.HF_HUB_PREFIX):
+        pretrained = name
+    model = DiffCLIP(**get_model_config(name))
+    if pretrained:
+        hub.load_pretrained(model, pretrained, model_name=name)
+        model.eval()
+    return model.to(device) if device is not None else model
+
+
+def image_transform(preprocess_cfg: dict, image_size: int, is_train: bool) -> T.Compose:
+    """The CLIP image transforms (torchvision), PIL image -> (3, image_size, image_size) float32 tensor.
+
+    Train: ``RandomResizedCrop(image_size, scale=train_scale)`` (DiffCLIP: scale (0.5, 1)); eval:
+    ``Resize(image_size)`` + ``CenterCrop(image_size)``. Both convert to RGB and normalise with the config's
+    ``mean`` and ``std`` (ImageNet statistics for the DiffCLIP release, OpenAI's for open_clip weights).
+    """
+    interp = T.InterpolationMode(preprocess_cfg.get("interpolation", "bicubic"))
+    mean, std = preprocess_cfg.get("mean", (0.485, 0.456, 0.406)), preprocess_cfg.get("std", (0.229, 0.224, 0.225))
+    if is_train:
+        resize = [T.RandomResizedCrop(image_size, scale=tuple(preprocess_cfg.get("train_scale", (0.5, 1.0))),
+                                      interpolation=interp)]
+    else:
+        resize = [T.Resize(image_size, interpolation=interp), T.CenterCrop(image_size)]
+    return T.Compose([*resize, T.Lambda(_to_rgb), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def _to_rgb(image):
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def create_model_and_transforms(name: str, pretrained: str | None = None, device: str | torch.device | None = None):
+    """``(model, preprocess_train, preprocess_val)`` as in open_clip; see :func:`create_model` and
+    :func:`image_transform`."""
+    model = create_model(name, pretrained=pretrained, device=device)
+    return (model, image_transform(model.preprocess_cfg, model.image_size, True),
+            image_transform(model.preprocess_cfg, model.image_size, False))
+
+
+def get_tokenizer(name: str) -> SimpleTokenizer:
+    """open_clip's CLIP BPE tokenizer with the model's context length.
+
+    Calling it on a string or a list of n strings gives an (n, context_length) int64 tensor:
+    SOT 49406, the tokens, EOT 49407, zero padding; longer texts are cut and end with EOT (open_clip's rule).
+    """
+    return SimpleTokenizer(context_length=get_model_config(name)["text_cfg"].get("context_length", 77))

@@ -1,0 +1,253 @@
+"""Weights: hub download, our safetensors format, the DiffCLIP authors' checkpoints, open_clip/OpenAI weights.
+
+Formats read by :func:`load_pretrained`:
+
+* ours: a directory (or hub repo) with ``config.json`` + ``model.safetensors`` written by
+  ``DiffCLIP.save_pretrained`` (huggingface_hub's ``PyTorchModelHubMixin`` conventions), or any ``.safetensors``;
+* the authors' release (``hammh0a/DiffCLIP_ViTB16_CC3M`` / ``_CC12M``, file ``checkpoint_best.pt``): a pickle
+  with the weights under ``state_dict`` (maybe ``module.``-prefixed) beside optimizer state, an
+  ``argparse.Namespace`` and numpy scalars. It is read with ``torch.load(weights_only=True)`` and the explicit
+  allow-list :data:`CHECKPOINT_SAFE_GLOBALS`; a pickle that names anything else is refused. Our names match
+  the release's, so no key mapping is needed;
+* training checkpoints of ``training/main.py`` (weights under ``state_dict``);
+* open_clip / OpenAI CLIP state dicts (``visual.conv1``, ``class_embedding``, ``in_proj_weight``...), mapped by
+  :func:`convert_open_clip_state_dict` onto the ``OpenCLIP-*`` configs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+                                    RepositoryNotFoundError)
+from safetensors.torch import load_file
+
+__all__ = ["HF_HUB_PREFIX", "RELEASES", "CHECKPOINT_SAFE_GLOBALS", "download", "resolve_pretrained",
+           "read_state_dict", "convert_open_clip_state_dict", "load_state_dict", "load_pretrained"]
+
+HF_HUB_PREFIX = "hf-hub:"
+#: release tags per model name -> hub repo of the authors' checkpoint
+RELEASES = {
+    "DiffCLIP-ViT-B-16": {"cc3m": "hf-hub:hammh0a/DiffCLIP_ViTB16_CC3M/checkpoint_best.pt",
+                          "cc12m": "hf-hub:hammh0a/DiffCLIP_ViTB16_CC12M/checkpoint_best.pt"},
+}
+#: files tried, in order, in a hub repo named without a file
+HUB_WEIGHT_FILES = ("model.safetensors", "checkpoint_best.pt", "open_clip_model.safetensors",
+                    "open_clip_pytorch_model.bin")
+
+
+def _numpy_globals() -> list:
+    core = getattr(np, "_core", None) or np.core
+    found = [core.multiarray.scalar, core.multiarray._reconstruct, np.ndarray, np.dtype]
+    found += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    return found
+
+
+#: the only non-tensor types a checkpoint pickle may contain (besides containers and primitives)
+CHECKPOINT_SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath,
+                           pathlib.PureWindowsPath, *_numpy_globals()]
+
+
+def download(repo_id: str, filename: str) -> str:
+    """Downloads ``filename`` of hub repo ``repo_id`` (``HF_ENDPOINT`` is honoured) or returns the cached copy.
+
+    Returns:
+        The local path (str).
+
+    Raises:
+        FileNotFoundError: the repo or file does not exist on the hub.
+        ConnectionError: the hub cannot be reached and there is no cached copy.
+    """
+    try:
+        return hf_hub_download(repo_id, filename, endpoint=os.environ.get("HF_ENDPOINT"))
+    except (EntryNotFoundError, RepositoryNotFoundError) as e:
+        raise FileNotFoundError(f"hub repo {repo_id!r} has no file {filename!r} ({type(e).__name__})") from None
+    except LocalEntryNotFoundError:
+        raise ConnectionError(f"cannot reach the hub ({os.environ.get('HF_ENDPOINT', 'huggingface.co')}) and there is "
+                              f"no cached copy of {repo_id}/{filename}") from None
+    except HfHubHTTPError as e:
+        raise ConnectionError(f"hub error for {repo_id}/{filename}: {str(e).splitlines()[0]}") from None
+
+
+def _download_hub_weights(spec: str) -> str:
+    parts = spec.split("/")
+    if len(parts) > 2:
+        return download("/".join(parts[:2]), "/".join(parts[2:]))
+    for name in HUB_WEIGHT_FILES:
+        try:
+            return download(spec, name)
+        except FileNotFoundError:
+            continue
+    raise FileNotFoundError(f"hub repo {spec!r} has none of the weight files {', '.join(HUB_WEIGHT_FILES)}")
+
+
+def resolve_pretrained(pretrained: str, model_name: str | None = None) -> str:
+    """Turns a ``pretrained`` argument into a local weights file.
+
+    Args:
+        pretrained: a release tag of ``model_name`` (see :data:`RELEASES`), ``hf-hub:org/repo[/file]``,
+            a directory holding ``model.safetensors`` (or ``checkpoint_best.pt``), or a file.
+        model_name: the config name, used for release tags.
+
+    Raises:
+        FileNotFoundError, ConnectionError: see :func:`download`; a local path that does not exist.
+    """
+    tags = RELEASES.get(model_name or "", {})
+    if pretrained.lower() in tags:
+        pretrained = tags[pretrained.lower()]
+    if pretrained.startswith(HF_HUB_PREFIX):
+        return _download_hub_weights(pretrained[len(HF_HUB_PREFIX):])
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        for name in ("model.safetensors", "checkpoint_best.pt", "open_clip_model.safetensors"):
+            if (path / name).is_file():
+                return str(path / name)
+        raise FileNotFoundError(f"directory {path} has no model.safetensors (nor checkpoint_best.pt)")
+    if not path.is_file():
+        known = f"; release tags of {model_name}: {', '.join(tags)}" if tags else ""
+        raise FileNotFoundError(f"pretrained weights not found: {pretrained!r} (expected a file, a directory with "
+                                f"model.safetensors, or hf-hub:org/repo{known})")
+    return str(path)
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Reads the model weights of a checkpoint file, without free unpickling.
+
+    ``.safetensors`` files are read with safetensors; anything else with ``torch.load(weights_only=True)``
+    and :data:`CHECKPOINT_SAFE_GLOBALS`. The weights are taken from ``state_dict`` (or ``model``) when the
+    file holds a training checkpoint, and ``module.`` / ``_orig_mod.`` prefixes are removed.
+
+    Returns:
+        A dict of parameter name -> tensor.
+
+    Raises:
+        pickle.UnpicklingError: the pickle names a type outside the allow-list (it could run code).
+        ValueError: the file holds no state dict.
+    """
+    if str(path).endswith(".safetensors"):
+        sd = load_file(path)
+    else:
+        try:
+            with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            detail = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
+            raise pickle.UnpicklingError(f"refusing to unpickle {path}: it needs a type outside the allow-list, "
+                                         f"which could run code ({detail})") from None
+        sd = obj
+        if isinstance(obj, dict):
+            for key in ("state_dict", "model", "model_state_dict"):
+                if isinstance(obj.get(key), dict):
+                    sd = obj[key]
+                    break
+    if not isinstance(sd, dict) or not any(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path} holds no state dict of tensors")
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "_orig_mod."):
+            k = k[len(prefix):] if k.startswith(prefix) else k
+        out[k] = v
+    return out
+
+
+def _split_in_proj(out: dict, prefix: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    for name, w in zip(("q_proj", "k_proj", "v_proj"), weight.chunk(3, dim=0)):
+        out[f"{prefix}.{name}.weight"] = w
+    if bias is not None:
+        for name, b in zip(("q_proj", "k_proj", "v_proj"), bias.chunk(3, dim=0)):
+            out[f"{prefix}.{name}.bias"] = b
+
+
+def is_open_clip_state_dict(sd: dict) -> bool:
+    """True for open_clip / OpenAI CLIP layouts (``visual.class_embedding`` or fused ``in_proj_weight``)."""
+    return "visual.class_embedding" in sd or any(k.endswith("attn.in_proj_weight") for k in sd)
+
+
+def convert_open_clip_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Maps an open_clip / OpenAI CLIP ViT state dict onto our names (``OpenCLIP-*`` configs).
+
+    ``attn.in_proj_weight/bias`` -> ``q_proj``/``k_proj``/``v_proj``; ``visual.conv1`` -> ``visual.patch_embed.proj``;
+    ``visual.class_embedding`` (C,) -> ``visual.cls_token`` (1, 1, C); ``visual.positional_embedding`` (N, C) ->
+    ``visual.pos_embed`` (1, N, C); ``visual.ln_pre/ln_post`` -> ``visual.norm_pre/norm``; ``visual.proj`` ->
+    ``image_projection``; vision blocks ``ln_1/ln_2/mlp.c_fc/mlp.c_proj`` -> timm's ``norm1/norm2/mlp.fc1/mlp.fc2``.
+    Non-weight entries of OpenAI's files (``input_resolution``, ``context_length``, ``vocab_size``, ``attn_mask``)
+    are dropped.
+    """
+    out: dict[str, torch.Tensor] = {}
+    vis_block = {"ln_1": "norm1", "ln_2": "norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2", "attn.out_proj": "attn.out_proj"}
+    for k, v in sd.items():
+        if k in ("input_resolution", "context_length", "vocab_size") or k.endswith("attn_mask"):
+            continue
+        if k.endswith("attn.in_proj_bias"):
+            continue  # handled with its weight
+        if k.endswith("attn.in_proj_weight"):
+            prefix = k[: -len(".in_proj_weight")]
+            _split_in_proj(out, prefix, v, sd.get(prefix + ".in_proj_bias"))
+            continue
+        out[k] = v
+    renamed: dict[str, torch.Tensor] = {}
+    for k, v in out.items():
+        if k == "visual.class_embedding":
+            k, v = "visual.cls_token", v.reshape(1, 1, -1)
+        elif k == "visual.positional_embedding":
+            k, v = "visual.pos_embed", v.unsqueeze(0)
+        elif k == "visual.proj":
+            k = "image_projection"
+        elif k.startswith("visual.conv1."):
+            k = k.replace("visual.conv1.", "visual.patch_embed.proj.")
+        elif k.startswith("visual.ln_pre."):
+            k = k.replace("visual.ln_pre.", "visual.norm_pre.")
+        elif k.startswith("visual.ln_post."):
+            k = k.replace("visual.ln_post.", "visual.norm.")
+        elif k.startswith("visual.transformer.resblocks."):
+            rest = k[len("visual.transformer.resblocks."):]
+            idx, name = rest.split(".", 1)
+            for old, new in vis_block.items():
+                if name.startswith(old + "."):
+                    name = new + name[len(old):]
+                    break
+            k = f"visual.blocks.{idx}.{name}"
+        renamed[k] = v
+    return renamed
+
+
+def load_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Loads ``sd`` strictly into ``model``, after checking names and shapes.
+
+    Raises:
+        RuntimeError: one line naming every missing and unexpected key, or every shape mismatch
+            (a checkpoint of another architecture).
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        raise RuntimeError(f"{source} does not match the model: {len(missing)} missing keys "
+                           f"[{', '.join(missing)}], {len(unexpected)} unexpected keys [{', '.join(unexpected)}]")
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if sd[k].shape != own[k].shape]
+    if wrong:
+        raise RuntimeError(f"{source} is for another architecture: shapes (checkpoint vs model) differ for "
+                           f"{'; '.join(wrong)}")
+    model.load_state_dict(sd, strict=True)
+
+
+def load_pretrained(model: torch.nn.Module, pretrained: str, model_name: str | None = None) -> str:
+    """Resolves ``pretrained`` (:func:`resolve_pretrained`), reads it (:func:`read_state_dict`), converts
+    open_clip layouts and loads it strictly (:func:`load_state_dict`).
+
+    Returns:
+        The local file that was loaded.
+    """
+    path = resolve_pretrained(pretrained, model_name)
+    sd = read_state_dict(path)
+    if is_open_clip_state_dict(sd):
+        sd = convert_open_clip_state_dict(sd)
+    load_state_dict(model, sd, source=f"{pretrained}" + (f" ({path})" if path != pretrained else ""))
+    return path
