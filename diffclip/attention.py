@@ -115,6 +115,7 @@ class DiffAttention(nn.Module):
             raise ValueError(f"lambda_init must be a number or 'schedule', got {lambda_init!r}")
         self.lambda_init = float(lambda_init)
         self.fused = fused
+        self.fused_mode = "wide"
         self.keep_maps = False
         self.attn_maps: dict[str, torch.Tensor] | None = None
         self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
@@ -141,6 +142,32 @@ class DiffAttention(nn.Module):
         l2 = torch.exp(torch.sum(self.lambda_q2.float() * self.lambda_k2.float()))
         return l1 - l2 + self.lambda_init
 
+    @staticmethod
+    def _fused_wide(q, k, v, lam, attn_mask, is_causal, dropout_p):
+        """One SDPA call over the 2h query/key heads, each value head (width 2d) serving both of its pair."""
+        B, h2, N, d = q.shape
+        h = h2 // 2
+        v2 = v.unsqueeze(2).expand(B, h, 2, N, 2 * d).reshape(B, h2, N, 2 * d)
+        o = F.scaled_dot_product_attention(q, k, v2, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
+        o = o.view(B, h, 2, N, 2 * d)
+        return o[:, :, 0] - lam.to(o.dtype) * o[:, :, 1]  # (B, h, N, 2d)
+
+    @staticmethod
+    def _fused_split(q, k, v, lam, attn_mask, is_causal, dropout_p):
+        """One SDPA call over 4h heads of equal width d (each map times each half of V), for flash kernels
+        that need the value as wide as the query (the official code's four-call variant, batched)."""
+        B, h2, N, d = q.shape
+        h = h2 // 2
+        q4 = q.view(B, h, 2, 1, N, d).expand(B, h, 2, 2, N, d).reshape(B, 4 * h, N, d)
+        k4 = k.view(B, h, 2, 1, N, d).expand(B, h, 2, 2, N, d).reshape(B, 4 * h, N, d)
+        v4 = v.view(B, h, N, 2, d).permute(0, 1, 3, 2, 4).unsqueeze(2).expand(B, h, 2, 2, N, d).reshape(B, 4 * h, N, d)
+        if attn_mask is not None and attn_mask.dim() == 4 and attn_mask.size(1) == h2:
+            attn_mask = attn_mask.repeat_interleave(2, dim=1)
+        o = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
+        o = o.view(B, h, 2, 2, N, d)
+        o = o[:, :, 0] - lam.to(o.dtype) * o[:, :, 1]  # (B, h, 2 halves, N, d)
+        return o.permute(0, 1, 3, 2, 4).reshape(B, h, N, 2 * d)
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         """Applies differential attention.
 
@@ -160,14 +187,13 @@ class DiffAttention(nn.Module):
         v = self.v_proj(x).view(B, N, h, 2 * d).transpose(1, 2)  # (B, h, N, 2d)
         lam = self.lambda_full()
         if self.fused and not self.keep_maps:
-            # Each value head serves both of its query/key heads: expand to (B, 2h, N, 2d), one SDPA call.
-            v2 = v.unsqueeze(2).expand(B, h, 2, N, 2 * d).reshape(B, 2 * h, N, 2 * d)
             if attn_mask is not None and attn_mask.dim() == 4 and attn_mask.size(1) == h:
                 attn_mask = attn_mask.repeat_interleave(2, dim=1)
-            o = F.scaled_dot_product_attention(q, k, v2, attn_mask=attn_mask, is_causal=is_causal,
-                                               dropout_p=self.attn_drop.p if self.training else 0.0)
-            o = o.view(B, h, 2, N, 2 * d)
-            o = o[:, :, 0] - lam.to(o.dtype) * o[:, :, 1]  # (B, h, N, 2d)
+            dropout_p = self.attn_drop.p if self.training else 0.0
+            if self.fused_mode == "split":
+                o = self._fused_split(q, k, v, lam, attn_mask, is_causal, dropout_p)
+            else:
+                o = self._fused_wide(q, k, v, lam, attn_mask, is_causal, dropout_p)
         else:
             scores = (q.float() @ k.float().transpose(-1, -2)) * d ** -0.5  # (B, 2h, N, N)
             mask = _additive_mask(attn_mask, is_causal, N, N, x.device)

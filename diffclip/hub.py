@@ -56,7 +56,10 @@ CHECKPOINT_SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.PurePo
 
 
 def download(repo_id: str, filename: str) -> str:
-    """Downloads ``filename`` of hub repo ``repo_id`` (``HF_ENDPOINT`` is honoured) or returns the cached copy.
+    """Downloads ``filename`` of hub repo ``repo_id`` or returns the cached copy (huggingface_hub's cache).
+
+    ``HF_ENDPOINT`` and ``HF_HUB_CACHE`` are read at call time, so a mirror or a test server can be set
+    after import.
 
     Returns:
         The local path (str).
@@ -66,12 +69,13 @@ def download(repo_id: str, filename: str) -> str:
         ConnectionError: the hub cannot be reached and there is no cached copy.
     """
     try:
-        return hf_hub_download(repo_id, filename, endpoint=os.environ.get("HF_ENDPOINT"))
-    except (EntryNotFoundError, RepositoryNotFoundError) as e:
-        raise FileNotFoundError(f"hub repo {repo_id!r} has no file {filename!r} ({type(e).__name__})") from None
-    except LocalEntryNotFoundError:
+        return hf_hub_download(repo_id, filename, endpoint=os.environ.get("HF_ENDPOINT"),
+                               cache_dir=os.environ.get("HF_HUB_CACHE"))
+    except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError: test it first)
         raise ConnectionError(f"cannot reach the hub ({os.environ.get('HF_ENDPOINT', 'huggingface.co')}) and there is "
                               f"no cached copy of {repo_id}/{filename}") from None
+    except (EntryNotFoundError, RepositoryNotFoundError) as e:
+        raise FileNotFoundError(f"hub repo {repo_id!r} has no file {filename!r} ({type(e).__name__})") from None
     except HfHubHTTPError as e:
         raise ConnectionError(f"hub error for {repo_id}/{filename}: {str(e).splitlines()[0]}") from None
 

@@ -1,0 +1,112 @@
+"""Benchmark: forward+backward time and peak memory of attention layers at ViT-B/16 and text shapes.
+
+Candidates, run side by side in one process with interleaved repetitions (median time reported):
+ours fused (one SDPA call, value width 2d), ours fused split-V (equal widths, flash-capable), ours exact
+(materialised maps), timm's ``DiffAttention`` at the same width, and standard SDPA attention.
+Peak memory is the growth of the resident set of a forked child that runs one forward+backward
+(CPU has no allocator statistics; on CUDA ``torch.cuda.max_memory_allocated`` is used instead).
+
+    python bench/attention.py [--batch 32] [--reps 7] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import multiprocessing as mp
+import resource
+import statistics
+import time
+
+import timm.layers
+import torch
+
+from diffclip.attention import Attention, DiffAttention
+
+SHAPES = {"vision (ViT-B/16)": dict(n=197, dim=768, heads=12, causal=False),
+          "text (causal)": dict(n=77, dim=512, heads=8, causal=True)}
+
+
+def candidates(dim: int, heads: int) -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    wide = DiffAttention(dim, heads)
+    split, exact = copy.deepcopy(wide), copy.deepcopy(wide)
+    split.fused_mode = "split"
+    exact.fused = False
+    return {"diffclip fused": wide, "diffclip fused split-V": split, "diffclip exact": exact,
+            "timm DiffAttention": timm.layers.DiffAttention(dim, num_heads=heads // 2, qkv_bias=True),
+            "standard SDPA": Attention(dim, heads)}
+
+
+def step(layer: torch.nn.Module, x: torch.Tensor, causal: bool) -> None:
+    layer.zero_grad(set_to_none=True)
+    layer(x, is_causal=causal).float().pow(2).mean().backward()
+
+
+def _child_peak(name, dim, heads, batch, n, causal, device, q):
+    layer = candidates(dim, heads)[name].to(device)
+    x = torch.randn(batch, n, dim, device=device, requires_grad=True)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step(layer, x, causal)
+        q.put((torch.cuda.max_memory_allocated() - base) / 2**20)
+        return
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step(layer, x, causal)
+    q.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+
+
+def peak_mib(name, dim, heads, batch, n, causal, device) -> float:
+    ctx = mp.get_context("fork" if device == "cpu" else "spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_peak, args=(name, dim, heads, batch, n, causal, device, q))
+    p.start()
+    out = q.get()
+    p.join()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, timm {timm.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+          f"batch {args.batch}, median of {args.reps} interleaved repetitions")
+    for title, s in SHAPES.items():
+        layers = {k: v.to(args.device) for k, v in candidates(s["dim"], s["heads"]).items()}
+        x = torch.randn(args.batch, s["n"], s["dim"], device=args.device, requires_grad=True)
+        with torch.no_grad():  # same weights everywhere -> same outputs (sanity check)
+            ref = layers["diffclip exact"](x, is_causal=s["causal"])
+            for k in ("diffclip fused", "diffclip fused split-V"):
+                err = (layers[k](x, is_causal=s["causal"]) - ref).abs().max().item()
+                assert err < 1e-4, f"{k} differs from the exact path by {err}"
+        for layer in layers.values():  # warm-up
+            step(layer, x, s["causal"])
+        times = {k: [] for k in layers}
+        for _ in range(args.reps):
+            for k, layer in layers.items():
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                step(layer, x, s["causal"])
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                times[k].append(time.perf_counter() - t)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"\n{title}: B={args.batch}, N={s['n']}, C={s['dim']}, {s['heads']} heads")
+        print(f"| layer | fwd+bwd ms | peak MiB | vs diffclip fused |")
+        print("|---|---|---|---|")
+        for k in layers:
+            mem = peak_mib(k, s["dim"], s["heads"], args.batch, s["n"], s["causal"], args.device)
+            print(f"| {k} | {med[k] * 1000:.1f} | {mem:.0f} | {med[k] / med['diffclip fused']:.2f}x |")
+        f = med["diffclip fused"]
+        print(f"exact / fused = {med['diffclip exact'] / f:.2f} (target >= 1.5); "
+              f"fused / timm = {f / med['timm DiffAttention']:.2f} (target <= 1.05); "
+              f"fused / standard = {f / med['standard SDPA']:.2f} (target <= 1.3)")
+
+
+if __name__ == "__main__":
+    main()

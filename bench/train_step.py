@@ -1,0 +1,161 @@
+"""Benchmark: one contrastive training step (forward + backward + AdamW step) of DiffCLIP vs open_clip.
+
+Models, built in one process and timed with interleaved repetitions (median reported):
+
+* ``DiffCLIP-ViT-B-16`` (ours, differential attention), open_clip's own ``ViT-B-16``
+  (``open_clip.create_model("ViT-B-16")``) and our standard-attention twin ``CLIP-ViT-B-16``;
+* ``DiffCLIP-Tiny-64`` vs an open_clip ``CLIP`` of the same shape (64 px, patch 8, width 192 x 6 layers, 4 heads;
+  text width 128 x 4 layers, 4 heads, context 32) and our twin ``CLIP-Tiny-64``.
+
+A step is the one ``training/main.py`` takes: the model's image and text embeddings, L2-normalised, the CLIP
+loss (:class:`diffclip.loss.ClipLoss`), ``backward``, ``AdamW.step`` (weight decay groups of
+:func:`training.train.param_groups` for ours, all parameters for open_clip's). Peak memory is the growth of the
+resident set of a forked child that builds the model and optimizer and runs one step (AdamW state included:
+CPU has no allocator statistics; on CUDA ``torch.cuda.max_memory_allocated`` is used instead).
+
+    nice python bench/train_step.py [--batch-b16 4] [--batch-tiny 32] [--reps 5] [--device cpu] [--skip-b16]
+
+Target: DiffCLIP's step time <= 1.05x open_clip's at the same batch (issue 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import statistics
+import time
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+import diffclip
+from diffclip.loss import ClipLoss
+from training.train import param_groups
+
+
+def open_clip_tiny() -> torch.nn.Module:
+    """open_clip's CLIP with the shape of ``DiffCLIP-Tiny-64`` (QuickGELU in both towers as open_clip's
+    ``quick_gelu`` flag sets it; our tiny vision tower uses exact GELU, a negligible difference in cost)."""
+    return CLIP(embed_dim=128, vision_cfg=CLIPVisionCfg(layers=6, width=192, head_width=48, patch_size=8,
+                                                        image_size=64),
+                text_cfg=CLIPTextCfg(context_length=32, width=128, heads=4, layers=4), quick_gelu=True)
+
+
+SUITES = {
+    "ViT-B/16": {"image_size": 224, "ctx": 77, "models": {
+        "DiffCLIP-ViT-B-16": lambda: diffclip.create_model("DiffCLIP-ViT-B-16"),
+        "open_clip ViT-B-16": lambda: open_clip.create_model("ViT-B-16"),
+        "CLIP-ViT-B-16 (ours)": lambda: diffclip.create_model("CLIP-ViT-B-16")}},
+    "Tiny-64": {"image_size": 64, "ctx": 32, "models": {
+        "DiffCLIP-Tiny-64": lambda: diffclip.create_model("DiffCLIP-Tiny-64"),
+        "open_clip tiny (same shape)": open_clip_tiny,
+        "CLIP-Tiny-64 (ours)": lambda: diffclip.create_model("CLIP-Tiny-64")}},
+}
+
+
+def make_inputs(batch: int, image_size: int, ctx: int, device: str):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, image_size, image_size, generator=g)
+    texts = torch.randint(1, 49406, (batch, ctx), generator=g)
+    texts[:, 0], texts[:, ctx // 2], texts[:, ctx // 2 + 1:] = 49406, 49407, 0
+    return images.to(device), texts.to(device)
+
+
+def make_optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+    groups = param_groups(model, 0.2) if isinstance(model, diffclip.DiffCLIP) else model.parameters()
+    return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.98), eps=1e-6)
+
+
+def train_step(model, optimizer, loss_fn, images, texts) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    img = F.normalize(model.encode_image(images), dim=-1)
+    txt = F.normalize(model.encode_text(texts), dim=-1)
+    loss = loss_fn(img, txt, model.logit_scale.exp())
+    loss.backward()
+    optimizer.step()
+
+
+def _child_peak(suite: str, name: str, batch: int, device: str, q) -> None:
+    torch.manual_seed(0)
+    s = SUITES[suite]
+    model = s["models"][name]().to(device).train()
+    opt = make_optimizer(name, model)
+    images, texts = make_inputs(batch, s["image_size"], s["ctx"], device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        train_step(model, opt, ClipLoss(), images, texts)
+        q.put((torch.cuda.max_memory_allocated() - base) / 2**20)
+        return
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    train_step(model, opt, ClipLoss(), images, texts)
+    q.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+
+
+def peak_mib(suite: str, name: str, batch: int, device: str) -> float:
+    ctx = mp.get_context("fork" if device == "cpu" else "spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_peak, args=(suite, name, batch, device, q))
+    p.start()
+    out = q.get()
+    p.join()
+    return out
+
+
+def run_suite(suite: str, batch: int, reps: int, device: str, memory: bool) -> dict[str, float]:
+    s = SUITES[suite]
+    torch.manual_seed(0)
+    models = {k: f().to(device).train() for k, f in s["models"].items()}
+    opts = {k: make_optimizer(k, m) for k, m in models.items()}
+    n_params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    images, texts = make_inputs(batch, s["image_size"], s["ctx"], device)
+    loss_fn = ClipLoss()
+    for k in models:  # warm-up (allocates the AdamW state)
+        train_step(models[k], opts[k], loss_fn, images, texts)
+    times = {k: [] for k in models}
+    for _ in range(reps):
+        for k in models:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            train_step(models[k], opts[k], loss_fn, images, texts)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    del models, opts
+    ref = next(k for k in med if k.startswith("open_clip"))
+    ours = next(iter(med))
+    print(f"\n{suite}: batch {batch}, {s['image_size']} px, context {s['ctx']}; median of {reps} interleaved steps")
+    print("| model | parameters | step s | samples/s | peak MiB | vs open_clip |")
+    print("|---|---|---|---|---|---|")
+    for k, t in med.items():
+        mem = f"{peak_mib(suite, k, batch, device):.0f}" if memory else "-"
+        print(f"| {k} | {n_params[k]:,} | {t:.3f} | {batch / t:.1f} | {mem} | {t / med[ref]:.3f}x |")
+    twin = [k for k in med if k not in (ours, ref)][0]
+    print(f"{ours} / {ref} = {med[ours] / med[ref]:.3f} (target <= 1.05); {ours} / {twin} = "
+          f"{med[ours] / med[twin]:.3f}")
+    return med
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch-b16", type=int, default=4)
+    ap.add_argument("--batch-tiny", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--skip-b16", action="store_true", help="only the tiny suite")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, open_clip {open_clip.__version__}, device {args.device}, "
+          f"threads {torch.get_num_threads()}")
+    if not args.skip_b16:
+        run_suite("ViT-B/16", args.batch_b16, args.reps, args.device, not args.no_memory)
+    run_suite("Tiny-64", args.batch_tiny, args.reps, args.device, not args.no_memory)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""Pieces shared by the evaluation programs: model/device/precision flags, data loaders, feature extraction,
+CLIP_benchmark result records, atomic JSON writing and the one-line error exit."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import pickle
+import random
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+
+log = logging.getLogger("diffclip.eval")
+
+PRECISIONS = ("fp32", "amp", "amp_bf16", "amp_fp16", "bf16", "fp16")
+#: errors that end a CLI with one line instead of a traceback
+USER_ERRORS = (FileNotFoundError, ValueError, RuntimeError, ConnectionError, pickle.UnpicklingError, KeyError)
+
+
+def default_workers() -> int:
+    """Data-loading worker processes by default: one per CPU core, at most 8."""
+    return min(8, os.cpu_count() or 1)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--model, --pretrained, --device, --precision, --batch-size, --workers, --max-samples, --seed."""
+    p.add_argument("--model", required=True, help="model config name (diffclip.list_models()) or hf-hub:org/repo")
+    p.add_argument("--pretrained", default=None,
+                   help="weights: a release tag (cc3m, cc12m), hf-hub:org/repo[/file], a directory with "
+                        "model.safetensors, a checkpoint file (ours, the authors' checkpoint_best.pt, open_clip); "
+                        "omit for random init")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="fp32; amp / amp_bf16 / amp_fp16 (autocast; amp = fp16 on cuda, bf16 elsewhere); "
+                        "bf16 / fp16 (weights cast)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="data-loading processes (default: %(default)s = CPU cores, at most 8)")
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="evaluate on at most N samples per split, evenly spaced over the dataset (quick runs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> cuda when available, else mps when available, else cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def autocast_factory(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """A context-manager factory for ``precision`` (nullcontext for fp32 and the cast-weight modes)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if not precision.startswith("amp"):
+        return contextlib.nullcontext
+    if precision == "amp":
+        dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    else:
+        dtype = torch.bfloat16 if precision == "amp_bf16" else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def set_seed(seed: int = 0) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_model(name: str, pretrained: str | None, device: torch.device, precision: str = "fp32"):
+    """``(model, preprocess_val, tokenizer)`` in eval mode on ``device`` (weights cast for bf16/fp16)."""
+    import diffclip
+    model, _, preprocess = diffclip.create_model_and_transforms(name, pretrained=pretrained or None)
+    model = model.to(device).eval()
+    if precision in ("bf16", "fp16"):
+        model = model.to(torch.bfloat16 if precision == "bf16" else torch.float16)
+    return model, preprocess, diffclip.get_tokenizer(name)
+
+
+class _CastImages:
+    """Wraps a transform so images come out in the model's dtype (for the cast-weight precisions)."""
+
+    def __init__(self, transform, dtype):
+        self.transform, self.dtype = transform, dtype
+
+    def __call__(self, img):
+        return self.transform(img).to(self.dtype)
+
+
+def model_transform(preprocess, precision: str):
+    if precision in ("bf16", "fp16"):
+        return _CastImages(preprocess, torch.bfloat16 if precision == "bf16" else torch.float16)
+    return preprocess
+
+
+def limit(dataset: Dataset, max_samples: int | None) -> Dataset:
+    """At most ``max_samples`` evenly spaced samples of ``dataset`` (deterministic); attributes are kept."""
+    if not max_samples or max_samples >= len(dataset):
+        return dataset
+    idx = np.linspace(0, len(dataset) - 1, max_samples).round().astype(int).tolist()
+    sub = Subset(dataset, idx)
+    for attr in ("classnames", "templates", "class_index", "name", "split"):
+        if hasattr(dataset, attr):
+            setattr(sub, attr, getattr(dataset, attr))
+    if getattr(dataset, "targets", None) is not None:
+        sub.targets = [dataset.targets[i] for i in idx]
+    if hasattr(dataset, "captions"):
+        sub.captions = [dataset.captions[i] for i in idx]
+    return sub
+
+
+def make_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:
+    """A deterministic (unshuffled) evaluation DataLoader."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=False,
+                      prefetch_factor=4 if workers > 0 else None)
+
+
+def extract_image_features(model, loader, device, autocast=None, progress: bool = True, desc: str = "features",
+                           normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features (N, D) float32, second items (N,) int64)`` over ``loader`` under no_grad."""
+    autocast = autocast or contextlib.nullcontext
+    it = loader
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(loader, desc=desc, unit="batch", file=sys.stderr)
+    feats, labels = [], []
+    with torch.no_grad():
+        for images, y in it:
+            with autocast():
+                f = model.encode_image(images.to(device, non_blocking=True))
+            f = f.float()
+            feats.append((F.normalize(f, dim=-1) if normalize else f).cpu())
+            labels.append(torch.as_tensor(y).long())
+    if not feats:
+        raise ValueError("the dataset is empty")
+    return torch.cat(feats), torch.cat(labels)
+
+
+def encode_texts(model, tokenizer, texts: list[str], device, batch_size: int = 256, autocast=None,
+                 progress: bool = True, desc: str = "texts") -> torch.Tensor:
+    """L2-normalised text embeddings (N, D) float32 on CPU."""
+    autocast = autocast or contextlib.nullcontext
+    starts = range(0, len(texts), batch_size)
+    if progress:
+        from tqdm import tqdm
+        starts = tqdm(starts, desc=desc, unit="batch", file=sys.stderr)
+    out = []
+    with torch.no_grad():
+        for s in starts:
+            with autocast():
+                e = model.encode_text(tokenizer(texts[s:s + batch_size]).to(device))
+            out.append(F.normalize(e.float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
+def result_record(dataset: str, model: str, pretrained: str | None, task: str, metrics: dict,
+                  language: str = "en", **extra) -> dict:
+    """A result in CLIP_benchmark's format (extra keys after the standard ones)."""
+    return {"dataset": dataset, "model": model, "pretrained": pretrained or "", "task": task,
+            "metrics": metrics, "language": language, **extra}
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Writes ``obj`` as JSON to a temporary file in the same folder, then renames it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def pretrained_fingerprint(pretrained: str | None) -> str:
+    """Identifies weights for cache keys: the argument, plus size and mtime when it names a local file/dir."""
+    if not pretrained:
+        return "random-init"
+    p = Path(pretrained).expanduser()
+    if p.is_dir():
+        files = sorted(q for q in p.iterdir() if q.is_file())
+        return pretrained + "|" + ";".join(f"{q.name}:{q.stat().st_size}:{q.stat().st_mtime_ns}" for q in files)
+    if p.is_file():
+        st = p.stat()
+        return f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    return pretrained
+
+
+def cache_key(**parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
+    """Runs ``main`` and turns user errors into one line on stderr and exit status 1 (set ``DIFFCLIP_DEBUG=1``
+    for the traceback)."""
+    prog = Path(sys.argv[0]).name
+    try:
+        code = main(argv)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        code = 130
+    except USER_ERRORS as e:
+        if os.environ.get("DIFFCLIP_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, KeyError):
+            msg = f"missing key {msg}"
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        code = 1
+    sys.exit(code)

@@ -1,0 +1,102 @@
+"""Zero-shot image-text retrieval (CLIP_benchmark protocol): recall@1/5/10 in both directions, several captions
+per image.
+
+    python eval/retrieval.py --model DiffCLIP-ViT-B-16 --pretrained cc3m --dataset mscoco --data-root /data/coco \
+        --output results/ret_coco.json
+
+``image_retrieval_recall@k``: each caption retrieves images, a hit when its image is in the top k.
+``text_retrieval_recall@k``: each image retrieves captions, a hit when any of its captions is in the top k.
+Embeddings are L2-normalised (cosine similarity); ties are broken by index (:mod:`diffclip.metrics`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+import torch
+
+from diffclip.metrics import retrieval_metrics
+from eval import readers
+from eval.common import (
+    add_model_args,
+    autocast_factory,
+    encode_texts,
+    extract_image_features,
+    limit,
+    load_model,
+    make_loader,
+    model_transform,
+    resolve_device,
+    result_record,
+    run_cli,
+    set_seed,
+    setup_logging,
+    write_json_atomic,
+)
+
+log = logging.getLogger("diffclip.eval")
+TASK = "zeroshot_retrieval"
+
+
+def evaluate(model, tokenizer, dataset, *, device: torch.device, precision: str = "fp32", batch_size: int = 64,
+             workers: int = 0, ks=(1, 5, 10), progress: bool = True) -> dict:
+    """Retrieval metrics of ``model`` on a reader retrieval ``dataset`` (transform already set)."""
+    autocast = autocast_factory(precision, device)
+    t0 = time.perf_counter()
+    image_emb, index = extract_image_features(model, make_loader(dataset, batch_size, workers, device), device,
+                                              autocast, progress, desc="images")
+    # the loader yields each image's position in the dataset; keep features in dataset order
+    order = torch.argsort(index)
+    image_emb = image_emb[order]
+    texts, text_to_image = [], []
+    for i, caps in enumerate(dataset.captions):
+        texts += caps
+        text_to_image += [i] * len(caps)
+    text_emb = encode_texts(model, tokenizer, texts, device, batch_size=max(batch_size, 256), autocast=autocast,
+                            progress=progress)
+    log.info("%d images, %d captions embedded in %.1fs", len(image_emb), len(texts), time.perf_counter() - t0)
+    return retrieval_metrics(image_emb, text_emb, torch.tensor(text_to_image), ks=ks)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+                                epilog="datasets: " + ", ".join(readers.list_datasets("retrieval")))
+    add_model_args(p)
+    p.add_argument("--dataset", required=True, help="mscoco, flickr30k, flickr8k, wds, csv, jsonl, emoji-twitter, "
+                                                    "emoji-google")
+    p.add_argument("--data-root", default=None, help="dataset folder (csv/jsonl: the file)")
+    p.add_argument("--split", default=None, help="split (default: test; 'all' for csv/jsonl/emoji)")
+    p.add_argument("--annotations", default=None, help="Karpathy split JSON (default: <root>/dataset_<name>.json)")
+    p.add_argument("--recall-k", type=int, nargs="+", default=[1, 5, 10])
+    p.add_argument("--output", default=None, help="result JSON (CLIP_benchmark format), written atomically")
+    p.add_argument("--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    set_seed(args.seed)
+    device = resolve_device(args.device)
+    options = {"annotations": args.annotations} if args.annotations else {}
+    dataset = readers.build_retrieval_dataset(args.dataset, args.data_root, args.split, None, **options)
+    name = readers.dataset_spec(args.dataset, "retrieval").name
+    model, preprocess, tokenizer = load_model(args.model, args.pretrained, device, args.precision)
+    dataset = limit(readers.set_transform(dataset, model_transform(preprocess, args.precision)), args.max_samples)
+    log.info("retrieval %s: %d images, %d captions, with %s", name, len(dataset),
+             sum(len(c) for c in dataset.captions), args.model)
+    metrics = evaluate(model, tokenizer, dataset, device=device, precision=args.precision, batch_size=args.batch_size,
+                       workers=args.workers, ks=tuple(args.recall_k), progress=not args.no_progress)
+    record = result_record(name, args.model, args.pretrained, TASK, metrics)
+    if args.output:
+        write_json_atomic(args.output, record)
+        log.info("wrote %s", args.output)
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,170 @@
+"""Zero-shot robustness to distribution shift: one model over a list of shift sets, with a summary table.
+
+    python eval/robustness.py --model DiffCLIP-ViT-B-16 --pretrained cc12m --data-root /data \
+        --output results/robustness.json --markdown results/robustness.md
+
+Default shift sets: ImageNet-V2, -A, -R, -Sketch (each looked up under ``--data-root`` by its usual folder name,
+or given as ``--root NAME=PATH``); in-distribution reference: ImageNet-1k val (``--in-distribution``, or a known
+top-1 with ``--id-acc1``). The 1000-class ImageNet classifier is built once and shared; ImageNet-A/-R use its
+200 columns of their classes (``class_index``). Sets with other classes (ObjectNet, any folder) get their own.
+Summary: top-1 per set, the average over the shift sets, and each set's gap to in-distribution top-1
+(``id - shift``, positive = a drop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+import torch
+
+from diffclip.zero_shot import build_zero_shot_classifier, format_prompts
+from eval import readers
+from eval.common import (
+    add_model_args,
+    autocast_factory,
+    limit,
+    load_model,
+    model_transform,
+    resolve_device,
+    result_record,
+    run_cli,
+    set_seed,
+    setup_logging,
+    write_json_atomic,
+    write_text_atomic,
+)
+from eval.zeroshot import TASK
+from eval.zeroshot import evaluate as zeroshot_evaluate
+
+log = logging.getLogger("diffclip.eval")
+DEFAULT_SHIFTS = ("imagenet-v2", "imagenet-a", "imagenet-r", "imagenet-sketch")
+
+
+def summarize(id_acc1: float | None, shift_acc1: dict[str, float]) -> dict:
+    """``{"in_distribution", "shifts": {name: {"acc1", "gap"}}, "average", "average_gap"}``."""
+    shifts = {n: {"acc1": a, "gap": (id_acc1 - a) if id_acc1 is not None else None} for n, a in shift_acc1.items()}
+    avg = sum(shift_acc1.values()) / len(shift_acc1) if shift_acc1 else None
+    return {"in_distribution": id_acc1, "shifts": shifts, "average": avg,
+            "average_gap": (id_acc1 - avg) if id_acc1 is not None and avg is not None else None}
+
+
+def markdown_table(summary: dict, title: str = "") -> str:
+    """The summary as a Markdown table (percent, one decimal)."""
+    def pct(v):
+        return "–" if v is None else f"{100 * v:.1f}"
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| set | top-1 | gap to in-distribution |", "|---|---:|---:|"]
+    if summary["in_distribution"] is not None:
+        lines.append(f"| in-distribution | {pct(summary['in_distribution'])} | |")
+    for name, s in summary["shifts"].items():
+        lines.append(f"| {name} | {pct(s['acc1'])} | {pct(s['gap'])} |")
+    lines.append(f"| **average (shifts)** | {pct(summary['average'])} | {pct(summary['average_gap'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(model, preprocess, tokenizer, datasets: list[str], *, data_root=None, roots: dict | None = None,
+             in_distribution: str | None = "imagenet1k", id_acc1: float | None = None, device, precision="fp32",
+             batch_size=64, workers=0, max_samples=None, skip_missing=False, progress=True,
+             model_name: str = "", pretrained: str | None = None,
+             templates: list[str] | None = None) -> tuple[list[dict], dict]:
+    """Zero-shot records of every set and the summary (see the module docstring); ``templates`` replaces every
+    set's prompt templates."""
+    roots = roots or {}
+    autocast = autocast_factory(precision, device)
+    shared: dict[tuple[str, ...], torch.Tensor] = {}  # classifier per (classnames, templates)
+    records, acc = [], {}
+    names = ([in_distribution] if in_distribution and id_acc1 is None else []) + list(datasets)
+    for name in names:
+        try:
+            ds = readers.build_dataset(name, roots.get(name, data_root), None, None)
+        except FileNotFoundError as e:
+            if skip_missing:
+                log.warning("skipping %s: %s", name, e)
+                continue
+            raise
+        ds = limit(readers.set_transform(ds, model_transform(preprocess, precision)), max_samples)
+        if templates is not None:
+            ds.templates = list(templates)
+        full_names = readers.imagenet_classnames() if ds.class_index is not None else ds.classnames
+        key = (*full_names, "|", *ds.templates)
+        if key not in shared:
+            shared[key] = build_zero_shot_classifier(model, tokenizer, full_names, ds.templates, device=device,
+                                                     autocast=autocast, progress=progress)
+        metrics, _ = zeroshot_evaluate(model, tokenizer, ds, device=device, precision=precision,
+                                       batch_size=batch_size, workers=workers, classifier=shared[key],
+                                       progress=progress)
+        records.append(result_record(ds.name, model_name, pretrained, TASK, metrics))
+        acc[ds.name] = metrics["acc1"]
+        log.info("%s: acc1 %.4f", ds.name, metrics["acc1"])
+    if id_acc1 is None and in_distribution:
+        id_acc1 = acc.pop(readers.dataset_spec(in_distribution).name, None)
+    return records, summarize(id_acc1, acc)
+
+
+def _parse_roots(items: list[str]) -> dict[str, str]:
+    out = {}
+    for it in items:
+        if "=" not in it:
+            raise ValueError(f"--root expects NAME=PATH, got {it!r}")
+        name, path = it.split("=", 1)
+        out[readers.canonical_name(name)] = path
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--datasets", nargs="+", default=list(DEFAULT_SHIFTS), help="shift sets (default: %(default)s)")
+    p.add_argument("--data-root", default=None, help="root holding each set in its usual folder")
+    p.add_argument("--root", action="append", default=[], metavar="NAME=PATH", help="folder of one set")
+    p.add_argument("--in-distribution", default="imagenet1k", help="reference set ('none' to skip)")
+    p.add_argument("--id-acc1", type=float, default=None, help="known in-distribution top-1 (skips evaluating it)")
+    p.add_argument("--templates", default=None, help="file of prompt templates (one per line, with {}) used for "
+                                                     "every set instead of the 80 OpenAI ImageNet templates")
+    p.add_argument("--skip-missing", action="store_true", help="leave out sets whose folder is missing")
+    p.add_argument("--output", default=None, help="JSON: {'results': [records], 'summary': {...}}")
+    p.add_argument("--markdown", default=None, help="write the summary table as Markdown")
+    p.add_argument("--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    set_seed(args.seed)
+    roots = _parse_roots(args.root)
+    templates = None
+    if args.templates:
+        templates = readers.read_lines(args.templates)
+        format_prompts(["x"], templates)  # checks: not empty, every template has {}
+    id_name = None if args.in_distribution.lower() == "none" else args.in_distribution
+    if not args.skip_missing:  # fail fast on a missing folder
+        for n in ([id_name] if id_name and args.id_acc1 is None else []) + args.datasets:
+            readers.build_dataset(n, roots.get(readers.canonical_name(n), args.data_root), None, None)
+    device = resolve_device(args.device)
+    model, preprocess, tokenizer = load_model(args.model, args.pretrained, device, args.precision)
+    roots = {readers.canonical_name(k): v for k, v in roots.items()}
+    records, summary = evaluate(model, preprocess, tokenizer, [readers.canonical_name(d) for d in args.datasets],
+                                data_root=args.data_root, roots=roots,
+                                in_distribution=readers.canonical_name(id_name) if id_name else None,
+                                id_acc1=args.id_acc1, device=device, precision=args.precision,
+                                batch_size=args.batch_size, workers=args.workers, max_samples=args.max_samples,
+                                skip_missing=args.skip_missing, progress=not args.no_progress,
+                                model_name=args.model, pretrained=args.pretrained, templates=templates)
+    if not summary["shifts"]:
+        raise ValueError("no shift set was evaluated")
+    out = {"model": args.model, "pretrained": args.pretrained or "", "results": records, "summary": summary}
+    table = markdown_table(summary, f"{args.model} {args.pretrained or ''}".strip())
+    if args.output:
+        write_json_atomic(args.output, out)
+    if args.markdown:
+        write_text_atomic(args.markdown, table)
+    print(table)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

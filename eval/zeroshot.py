@@ -1,0 +1,152 @@
+"""Zero-shot image classification (CLIP_benchmark protocol) of a diffclip model on one dataset.
+
+    python eval/zeroshot.py --model DiffCLIP-ViT-B-16 --pretrained cc12m --dataset imagenet1k \
+        --data-root /data/imagenet --output results/zs_imagenet.json
+
+The classifier is built from the dataset's class names and prompt templates (``--classnames`` / ``--templates``
+files override them), see :func:`diffclip.zero_shot.build_zero_shot_classifier`; metrics ``acc1``, ``acc5``
+(>= 5 classes) and ``mean_per_class_recall``. The result JSON has CLIP_benchmark's keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffclip.metrics import classification_metrics
+from diffclip.zero_shot import build_zero_shot_classifier, zero_shot_predict
+from eval import readers
+from eval.common import (
+    add_model_args,
+    autocast_factory,
+    limit,
+    load_model,
+    make_loader,
+    model_transform,
+    resolve_device,
+    result_record,
+    run_cli,
+    set_seed,
+    setup_logging,
+    write_json_atomic,
+)
+
+log = logging.getLogger("diffclip.eval")
+TASK = "zeroshot_classification"
+
+
+def save_classifier(path: str | Path, classifier: torch.Tensor, classnames: list[str], model: str) -> None:
+    """Saves a (D, C) zero-shot classifier as safetensors (tensor ``classifier``, class names in the metadata)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({"classifier": classifier.detach().float().cpu().contiguous()}, str(path),
+              metadata={"classnames": json.dumps(classnames), "model": model})
+
+
+def load_classifier(path: str | Path, n_classes: int, embed_dim: int) -> torch.Tensor:
+    """Loads a classifier written by :func:`save_classifier` and checks it fits the dataset and the model.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: no ``classifier`` tensor, or a class count / embedding
+        width that does not match.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"classifier file {path} not found")
+    tensors = load_file(str(path))
+    if "classifier" not in tensors or tensors["classifier"].ndim != 2:
+        raise ValueError(f"{path} holds no 2-D 'classifier' tensor (found {sorted(tensors)})")
+    w = tensors["classifier"]
+    if w.shape[1] != n_classes:
+        raise ValueError(f"classifier {path} has {w.shape[1]} classes but the dataset has {n_classes}")
+    if w.shape[0] != embed_dim:
+        raise ValueError(f"classifier {path} has embedding width {w.shape[0]} but the model's is {embed_dim}")
+    return w
+
+
+def evaluate(model, tokenizer, dataset, *, device: torch.device, precision: str = "fp32", batch_size: int = 64,
+             workers: int = 0, classifier: torch.Tensor | None = None,
+             progress: bool = True) -> tuple[dict, torch.Tensor]:
+    """Zero-shot metrics of ``model`` on a reader ``dataset`` (its transform set to the model's preprocessing).
+
+    ``classifier`` (D, C) is built from ``dataset.classnames`` / ``dataset.templates`` when not given; a
+    1000-class ImageNet classifier is reduced with ``dataset.class_index`` for ImageNet-A/-R.
+
+    Returns:
+        ``(metrics, classifier used)``.
+    """
+    autocast = autocast_factory(precision, device)
+    if classifier is None:
+        t0 = time.perf_counter()
+        classifier = build_zero_shot_classifier(model, tokenizer, dataset.classnames, dataset.templates,
+                                                device=device, autocast=autocast, progress=progress)
+        log.info("classifier: %d classes x %d templates in %.1fs", len(dataset.classnames), len(dataset.templates),
+                 time.perf_counter() - t0)
+    used = classifier
+    class_index = getattr(dataset, "class_index", None)
+    if class_index is not None and classifier.shape[1] != len(dataset.classnames):
+        used = classifier[:, torch.as_tensor(class_index, device=classifier.device)]
+    if used.shape[1] != len(dataset.classnames):
+        raise ValueError(f"classifier has {used.shape[1]} classes but the dataset has {len(dataset.classnames)}")
+    t0 = time.perf_counter()
+    logits, targets = zero_shot_predict(model, used, make_loader(dataset, batch_size, workers, device), device=device,
+                                        autocast=autocast, progress=progress, desc=getattr(dataset, "name", "zero-shot"))
+    log.info("%d images in %.1fs", len(targets), time.perf_counter() - t0)
+    if targets.max() >= used.shape[1]:
+        raise ValueError(f"labels go up to {int(targets.max())} but the classifier has {used.shape[1]} classes")
+    return classification_metrics(logits, targets), used
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+                                epilog="datasets: " + ", ".join(readers.list_datasets("classification")))
+    add_model_args(p)
+    p.add_argument("--dataset", required=True, help="dataset name (see below), e.g. imagenet1k, fashion-mnist, "
+                                                    "emoji-twitter, wds, folder")
+    p.add_argument("--data-root", default=None, help="dataset folder (or a root holding it); the default for "
+                                                     "fashion-mnist / emoji-* is their install location")
+    p.add_argument("--split", default=None, help="split (default: the dataset's evaluation split)")
+    p.add_argument("--classnames", default=None, help="file with one class name per line (label order)")
+    p.add_argument("--templates", default=None, help="file with one prompt template per line, each with {}")
+    p.add_argument("--download", action="store_true", help="let torchvision download the dataset (network)")
+    p.add_argument("--classifier", default=None, help="use a saved classifier (safetensors) instead of building it")
+    p.add_argument("--save-classifier", default=None, help="save the classifier (safetensors) for reuse")
+    p.add_argument("--output", default=None, help="result JSON (CLIP_benchmark format), written atomically")
+    p.add_argument("--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    set_seed(args.seed)
+    device = resolve_device(args.device)
+    # the dataset is checked before the model is built, so a missing folder fails fast
+    dataset = readers.build_dataset(args.dataset, args.data_root, args.split, None, download=args.download,
+                                    classnames=args.classnames, templates=args.templates)
+    model, preprocess, tokenizer = load_model(args.model, args.pretrained, device, args.precision)
+    dataset = limit(readers.set_transform(dataset, model_transform(preprocess, args.precision)), args.max_samples)
+    log.info("zero-shot %s (%s split, %d images, %d classes) with %s", dataset.name, dataset.split, len(dataset),
+             len(dataset.classnames), args.model)
+    classifier = None
+    if args.classifier:
+        classifier = load_classifier(args.classifier, len(dataset.classnames), model.embed_dim)
+    metrics, used = evaluate(model, tokenizer, dataset, device=device, precision=args.precision,
+                             batch_size=args.batch_size, workers=args.workers, classifier=classifier,
+                             progress=not args.no_progress)
+    if args.save_classifier:
+        save_classifier(args.save_classifier, used, dataset.classnames, args.model)
+    record = result_record(dataset.name, args.model, args.pretrained, TASK, metrics)
+    if args.output:
+        write_json_atomic(args.output, record)
+        log.info("wrote %s", args.output)
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,247 @@
+"""training/data.py on real shards written by training/make_shards.py from scikit-image photos."""
+
+import contextlib
+import csv
+import io
+import json
+import signal
+import tarfile
+
+import pytest
+import skimage.data
+import torch
+import webdataset as wds
+from PIL import Image
+
+import diffclip
+from training import make_shards
+from training.data import DataInfo, SkipStats, expand_urls, get_dataset_size, get_wds_loader
+
+PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "immunohistochemistry", "cat"]
+N_SHARDS, PER_SHARD = 4, 6
+TOKENIZER = diffclip.get_tokenizer("DiffCLIP-Tiny-64")
+_CFG = diffclip.get_model_config("DiffCLIP-Tiny-64")["preprocess_cfg"]
+TRAIN_TF = diffclip.image_transform(_CFG, 32, is_train=True)
+VAL_TF = diffclip.image_transform(_CFG, 32, is_train=False)
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fails the test (TimeoutError) instead of hanging."""
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"no answer within {seconds} s: the loader hangs")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _write_photo_shards(folder, n_shards=N_SHARDS, per_shard=PER_SHARD):
+    """n_shards x per_shard samples: crops of real photos, each with a unique caption."""
+    img = folder / "img"
+    img.mkdir(parents=True)
+    rows = []
+    for i in range(n_shards * per_shard):
+        name = PHOTOS[i % len(PHOTOS)]
+        photo = Image.fromarray(getattr(skimage.data, name)())
+        w, h = photo.size
+        left = (i // len(PHOTOS)) * w // 8
+        photo.crop((left, 0, left + w // 2, h // 2)).resize((40, 40)).save(img / f"{i:03d}.jpg")
+        rows.append((f"img/{i:03d}.jpg", f"crop number {i} of the {name} photo"))
+    with open(folder / "captions.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("filepath", "caption"), *rows])
+    out = folder / "shards"
+    make_shards.write_shards(make_shards.read_csv_source(folder / "captions.csv"), out, samples_per_shard=per_shard,
+                             image_size=36, seed=0, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return _write_photo_shards(tmp_path_factory.mktemp("photos"))
+
+
+def _urls(folder, n=N_SHARDS):
+    return [str(folder / f"{i:05d}.tar") for i in range(n)]
+
+
+CAPTIONS = [f"crop number {i} of the {PHOTOS[i % len(PHOTOS)]} photo" for i in range(N_SHARDS * PER_SHARD)]
+_BY_TOKENS = {tuple(TOKENIZER([c])[0].tolist()): c for c in CAPTIONS}
+
+
+def _captions(batches):
+    """The caption of every sample, recovered from its tokens (captions are unique)."""
+    return [_BY_TOKENS[tuple(row.tolist())] for _, texts in batches for row in texts]
+
+
+def _loader(urls, **kw):
+    kw.setdefault("batch_size", 4)
+    kw.setdefault("workers", 0)
+    return get_wds_loader(urls, kw.pop("preprocess", TRAIN_TF), TOKENIZER, **kw)
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+
+
+def test_expand_urls_braces_sources_weights(shards):
+    urls, weights = expand_urls("a/{00000..00002}.tar::b/x-{0..1}.tar")
+    assert urls == ["a/00000.tar", "a/00001.tar", "a/00002.tar", "b/x-0.tar", "b/x-1.tar"] and weights == [1.0] * 5
+    urls, weights = expand_urls("a/{0..1}.tar::b/{0..2}.tar", "2::0.5")
+    assert weights == [2.0, 2.0, 0.5, 0.5, 0.5]
+    with pytest.raises(ValueError, match="2 source"):
+        expand_urls("a/{0..1}.tar::b.tar", "1::2::3")
+    assert expand_urls(str(shards))[0] == _urls(shards)  # a folder: its shards
+
+
+def test_get_dataset_size(shards, tmp_path):
+    assert json.loads((shards / "sizes.json").read_text()) == {f"{i:05d}.tar": PER_SHARD for i in range(N_SHARDS)}
+    assert get_dataset_size(_urls(shards)) == (N_SHARDS * PER_SHARD, N_SHARDS)
+    assert get_dataset_size(_urls(shards)[1:3]) == (2 * PER_SHARD, 2)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "__len__").write_text("1234\n")
+    assert get_dataset_size([str(other / "0.tar"), str(other / "1.tar")]) == (1234, 2)
+    with pytest.raises(ValueError, match="--train-num-samples"):
+        get_dataset_size([str(tmp_path / "0.tar")])
+    with pytest.raises(ValueError, match="not listed"):
+        get_dataset_size([str(shards / "00009.tar")])
+
+
+def test_batches_are_images_and_tokens(shards):
+    info = _loader(_urls(shards), batch_size=5, seed=1)
+    assert isinstance(info, DataInfo) and isinstance(info.stats, SkipStats)
+    assert (info.num_samples, info.num_batches) == (24, 4)
+    batches = list(info.dataloader)
+    assert len(batches) == 4
+    images, texts = batches[0]
+    assert images.shape == (5, 3, 32, 32) and images.dtype == torch.float32
+    assert texts.shape == (5, 32) and texts.dtype == torch.long and (texts[:, 0] == 49406).all()
+    captions = _captions(batches)
+    assert len(set(captions)) == 20 and all(c.startswith("crop number") for c in captions)
+    assert info.stats.total == 0
+    # evaluation: one ordered pass, every sample once, a partial last batch
+    val = _loader(_urls(shards), batch_size=5, is_train=False, preprocess=VAL_TF)
+    val_batches = list(val.dataloader)
+    assert sorted(_captions(val_batches)) == sorted(CAPTIONS)
+    assert val.num_batches == len(val_batches) == 5  # one stream of 24 samples: 4 batches of 5 and one of 4
+    val2 = _loader(_urls(shards), batch_size=5, is_train=False, preprocess=VAL_TF, workers=2)
+    val2_batches = list(val2.dataloader)
+    assert sorted(_captions(val2_batches)) == sorted(CAPTIONS)
+    assert val2.num_batches == len(val2_batches) == 6  # two workers of 12 samples: 2 x (5, 5, 2)
+
+
+def test_two_ranks_see_disjoint_samples_and_equal_batch_counts(shards):
+    seen = []
+    for rank in (0, 1):
+        info = _loader(_urls(shards), batch_size=3, world_size=2, rank=rank, seed=5, epoch=2)
+        batches = list(info.dataloader)
+        assert info.num_batches == len(batches) == 4  # 24 // (3 * 2)
+        seen.append(_captions(batches))
+    assert len(seen[0]) == len(seen[1]) == 12
+    assert not set(seen[0]) & set(seen[1]) and len(set(seen[0]) | set(seen[1])) == 24
+
+
+def test_epochs_are_deterministic_and_differ(shards):
+    a = list(_loader(_urls(shards), seed=3, epoch=1).dataloader)
+    b = list(_loader(_urls(shards), seed=3, epoch=1).dataloader)
+    info = _loader(_urls(shards), seed=3, epoch=0)
+    c = list(info.dataloader)
+    info.set_epoch(1)
+    d = list(info.dataloader)
+    assert _same(a, b) and _same(a, d)
+    assert _captions(a) != _captions(c)
+
+
+@pytest.mark.parametrize("workers,batch_size,skip", [(0, 4, 2), (2, 4, 3), (2, 7, 1)])
+def test_skip_batches_gives_the_tail_of_the_epoch(shards, workers, batch_size, skip):
+    kw = dict(batch_size=batch_size, workers=workers, seed=11, epoch=3)
+    full = list(_loader(_urls(shards), **kw).dataloader)
+    assert len(full) == 24 // batch_size
+    resumed = list(_loader(_urls(shards), skip_batches=skip, **kw).dataloader)
+    assert _same(full[skip:], resumed)  # same samples, same order, same random crops
+
+
+def test_resampled_with_upsampling_factors(shards):
+    spec = f"{shards}/{{00000..00001}}.tar::{shards}/{{00002..00003}}.tar"
+    urls, weights = expand_urls(spec, "1::0")
+    kw = dict(resampled=True, upsampling_factors=weights, num_samples=40, batch_size=4, seed=2)
+    info = _loader(urls, **kw)
+    batches = list(info.dataloader)
+    assert info.num_batches == len(batches) == 10
+    first_source = {CAPTIONS[i] for i in _shard_members(shards, 0) | _shard_members(shards, 1)}
+    assert set(_captions(batches)) <= first_source
+    assert _same(batches, list(_loader(urls, **kw).dataloader))
+    assert _same(batches[4:], list(_loader(urls, skip_batches=4, **kw).dataloader))
+
+
+def _shard_members(folder, shard):
+    """Indices (from the captions) of the photos in one shard."""
+    with tarfile.open(folder / f"{shard:05d}.tar") as tf:
+        return {int(tf.extractfile(m).read().decode().split()[2]) for m in tf.getmembers() if m.name.endswith(".txt")}
+
+
+def _damage(folder):
+    """Truncates shard 1 inside the image of its second sample; makes the image of one sample of shard 2 garbage."""
+    path = folder / "00001.tar"
+    with tarfile.open(path) as tf:
+        second_image = [m for m in tf.getmembers() if m.name.endswith(".jpg")][1]
+    data = path.read_bytes()
+    path.write_bytes(data[: second_image.offset_data + second_image.size // 2])
+    path = folder / "00002.tar"
+    with tarfile.open(path) as tf:
+        samples = {}
+        for m in tf.getmembers():
+            key, ext = m.name.split(".", 1)
+            samples.setdefault(key, {"__key__": key})[ext] = tf.extractfile(m).read()
+    first = sorted(samples)[0]
+    samples[first]["jpg"] = b"\xff\xd8\xff\xe0 not a JPEG after all"
+    with wds.TarWriter(str(path), encoder=False) as tw:
+        for key in sorted(samples):
+            tw.write(samples[key])
+
+
+def test_truncated_tar_and_undecodable_image_are_skipped_and_counted(tmp_path):
+    folder = _write_photo_shards(tmp_path)
+    _damage(folder)
+    with deadline(60):
+        val = _loader(_urls(folder), is_train=False, workers=2, preprocess=VAL_TF)
+        samples = _captions(list(val.dataloader))
+    # shard 1 keeps its first sample; shard 2 loses the undecodable one
+    assert len(samples) == 24 - 5 - 1 and len(set(samples)) == len(samples)
+    assert val.stats.as_dict() == {"shards_failed": 1, "samples_incomplete": 0, "samples_undecodable": 1}
+    with deadline(60):
+        train = _loader(_urls(folder), batch_size=4, workers=2, num_samples=24)
+        batches = list(train.dataloader)
+    assert len(batches) == train.num_batches == 6  # the rank reads its shards again to fill the epoch
+    assert train.stats.shards_failed >= 1 and train.stats.samples_undecodable >= 1
+
+
+def test_shards_without_captions_fail_fast_naming_the_keys(tmp_path):
+    folder = tmp_path / "cls"
+    folder.mkdir()
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.coffee()).resize((32, 32)).save(buf, format="JPEG")
+    with wds.ShardWriter(str(folder / "%05d.tar"), maxcount=3, verbose=0) as sw:
+        for i in range(12):
+            sw.write({"__key__": f"{i:06d}", "jpg": buf.getvalue(), "cls": i % 3})
+    urls = _urls(folder)
+    for workers in (0, 2):
+        with deadline(60), pytest.raises(Exception, match=r"no sample in shard .* has both an image .* and a "
+                                                          r"caption \(txt\); keys found: cls, jpg"):
+            list(_loader(urls, workers=workers, num_samples=12).dataloader)
+
+
+def test_bad_arguments_fail_with_clear_errors(shards):
+    with pytest.raises(FileNotFoundError, match="shard not found"):
+        _loader(_urls(shards) + [str(shards / "00042.tar")], num_samples=30)
+    with pytest.raises(ValueError, match="no full batch"):
+        _loader(_urls(shards), batch_size=16, world_size=2)
+    with pytest.raises(ValueError, match="cannot be split"):
+        _loader(_urls(shards, 2), world_size=2, workers=2, num_samples=12)
+    with pytest.raises(ValueError, match="skip_batches"):
+        _loader(_urls(shards), skip_batches=6)

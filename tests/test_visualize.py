@@ -1,0 +1,79 @@
+"""eval/visualize.py: the maps come from the exact attention path and the PNG is drawn."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import diffclip  # noqa: F401  (registers the models)
+from eval.visualize import attention_maps, class_token_maps, lambdas, main
+
+
+def _model(attn: str):
+    torch.manual_seed(0)
+    m = timm.create_model(f"{attn}_vit_nano_patch4_28", num_classes=10, in_chans=1, embed_dim=32, depth=3,
+                          lambda_init="schedule" if attn == "diff" else None) if attn == "diff" else \
+        timm.create_model(f"{attn}_vit_nano_patch4_28", num_classes=10, in_chans=1, embed_dim=32, depth=3)
+    return m.eval()
+
+
+def test_maps_are_exact_and_differential():
+    model = _model("diff")
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        fused = model(x)
+    out, maps = attention_maps(model, x)
+    torch.testing.assert_close(out, fused, rtol=1e-4, atol=1e-5)  # exact path == fused path
+    assert all(not b.attn.keep_maps and b.attn.attn_maps is None for b in model.blocks)  # flags restored
+    lams = lambdas(model)
+    assert len(maps) == 3
+    for layer, m in enumerate(maps):
+        a1, a2, diff = m["a1"], m["a2"], m["diff"]
+        assert a1.shape == a2.shape == diff.shape == (2, 2, 50, 50)  # h = num_heads // 2 differential heads
+        torch.testing.assert_close(a1.sum(-1), torch.ones(2, 2, 50))
+        torch.testing.assert_close(a2.sum(-1), torch.ones(2, 2, 50))
+        assert (a1 >= 0).all() and (a2 >= 0).all()
+        lam = float(m["lambda"])
+        torch.testing.assert_close(diff, a1 - lam * a2)
+        assert lam == pytest.approx(lams[layer])
+        assert lam == pytest.approx(float(model.blocks[layer].attn.lambda_full()))
+        grid = class_token_maps(diff, (7, 7))
+        torch.testing.assert_close(grid[1, 0].flatten(), diff[1, 0, 0, 1:])
+    # the schedule gives a different lambda_init per layer, so lambda differs across layers
+    assert len({round(v, 6) for v in lams}) == 3
+
+
+def test_standard_attention_maps():
+    model = _model("std")
+    out, maps = attention_maps(model, torch.randn(1, 1, 28, 28))
+    assert set(maps[0]) == {"a"} and maps[0]["a"].shape == (1, 4, 50, 50)
+    torch.testing.assert_close(maps[0]["a"].sum(-1), torch.ones(1, 4, 50))
+    assert lambdas(model) == [None, None, None]
+
+
+def test_cli_png_for_diffclip_tower(tmp_path):
+    from PIL import Image
+
+    diffclip.create_model("DiffCLIP-Tiny-64").save_pretrained(tmp_path / "ckpt")
+    img = Image.fromarray((np.random.default_rng(0).random((80, 90, 3)) * 255).astype(np.uint8))
+    img.save(tmp_path / "x.png")
+    out = tmp_path / "maps.png"
+    assert main(["--checkpoint", f"DiffCLIP-Tiny-64@{tmp_path / 'ckpt'}", "--image", str(tmp_path / "x.png"),
+                 "--layers", "0", "-1", "--heads", "0", "1", "--contrast", "CLIP-Tiny-64", "--output", str(out)]) == 0
+    assert out.is_file() and out.stat().st_size > 10_000
+    rec = json.loads(out.with_suffix(".json").read_text())
+    assert rec["layers"] == [0, 5] and len(rec["lambda_per_layer"]) == 6
+    assert all(v == pytest.approx(0.8, abs=0.5) for v in rec["lambda_per_layer"])
+
+
+def test_cli_bad_input(tmp_path, capsys):
+    assert main(["--checkpoint", "no-such-model", "--image", "x.png", "--output", str(tmp_path / "o.png")]) == 2
+    assert capsys.readouterr().err.startswith("visualize.py: error:")
+    assert main(["--checkpoint", "DiffCLIP-Tiny-64", "--image", str(tmp_path / "missing.png"),
+                 "--output", str(tmp_path / "o.png")]) == 2
+    assert main(["--checkpoint", "DiffCLIP-Tiny-64", "--image", str(tmp_path / "missing.png"), "--layers", "9",
+                 "--output", str(tmp_path / "o.png")]) == 2

@@ -1,0 +1,579 @@
+"""Webdataset input pipeline for contrastive training: shards in the img2dataset layout -> (images, texts) batches.
+
+Shards hold samples ``KEY.jpg|jpeg|png|webp`` + ``KEY.txt`` (caption), optionally ``KEY.json``; a ``sizes.json``
+(shard basename -> count) or ``__len__`` file beside them gives the sample counts (``training/make_shards.py``
+writes such shards). The pipeline is built from webdataset's pieces::
+
+    shard list (seeded per epoch, split by rank, then by DataLoader worker; or weighted resampling)
+    -> wds.tarfile_to_samples (corrupt tar: skipped, logged, counted)
+    -> sample check (image + caption; a shard with none fails fast, naming the keys it has)
+    -> wds.shuffle (buffer seeded by seed, epoch, rank and worker)
+    -> wds.decode("pil") (undecodable image: skipped, logged, counted) -> wds.to_tuple
+    -> skip to the resume position -> transform + tokenise (augmentation seeded per sample) -> wds.batched
+    -> a fixed number of batches per worker
+
+Determinism and resume: for a given seed and epoch, every rank sees a fixed sequence of batches whatever the
+timing. Each DataLoader worker plays a fixed *role* (which shards it reads, which batches of the rank's sequence
+it produces: batch ``g`` comes from role ``g % workers``), and the random crop of each sample is drawn from a
+generator seeded by (seed, epoch, rank, role, position), not from the process's global RNG. ``skip_batches=k``
+rotates the roles so that the loader's first batch is batch ``k``, and each role skips its share of the first
+``k`` batches *before* the transform (images are still decoded, so that an undecodable image shifts nothing),
+which makes the batches after a mid-epoch resume identical to those of the uninterrupted run.
+
+Equal work on every rank: a training epoch is ``num_samples // (batch_size * world_size)`` batches on every rank
+(split over the workers); a rank whose shards run out reads them again (next pass, reshuffled), so no rank can
+stop early and leave DDP waiting. Shards that yield no usable sample at all raise an error instead of looping.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import itertools
+import json
+import logging
+import math
+import multiprocessing
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import braceexpand
+import torch
+import webdataset as wds
+from torch.utils.data import get_worker_info
+
+__all__ = ["IMAGE_EXTENSIONS", "CAPTION_EXTENSION", "expand_urls", "get_dataset_size", "SkipStats", "DataInfo",
+           "get_wds_loader"]
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+CAPTION_EXTENSION = "txt"
+_WANTED = frozenset((*IMAGE_EXTENSIONS, CAPTION_EXTENSION))
+_STAT_FIELDS = ("shards_failed", "samples_incomplete", "samples_undecodable")
+
+
+# --------------------------------------------------------------------------------------------------------- shards
+def _expand_source(source: str) -> list[str]:
+    if os.path.isdir(source):  # a folder of shards: its *.tar files
+        shards = sorted(os.path.join(source, f) for f in os.listdir(source) if f.endswith(".tar"))
+        if not shards:
+            raise ValueError(f"no .tar shards in folder {source}")
+        return shards
+    return list(braceexpand.braceexpand(source))
+
+
+def expand_urls(spec: str, weights: str | None = None) -> tuple[list[str], list[float]]:
+    """Expands a ``--train-data`` spec into shard URLs, with one sampling weight per shard.
+
+    ``::`` joins sources; each source is brace-expanded (``shards/{00000..00041}.tar``), or is a folder (its
+    ``*.tar``). ``weights`` is the ``--train-data-upsampling-factors`` spec, one factor per source joined with
+    ``::`` (default 1 each); every shard of a source gets its source's factor (used with resampling).
+
+    Raises:
+        ValueError: an empty spec, a folder without shards, or a number of weights that does not match.
+    """
+    sources = [s.strip() for s in (spec.split("::") if isinstance(spec, str) else list(spec))]
+    if not sources or not all(sources):
+        raise ValueError(f"empty source in data spec {spec!r}")
+    if weights is None:
+        factors = [1.0] * len(sources)
+    else:
+        parts = str(weights).split("::")
+        if len(parts) != len(sources):
+            raise ValueError(f"{len(parts)} upsampling factor(s) {weights!r} for {len(sources)} source(s) in {spec!r}")
+        try:
+            factors = [float(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"upsampling factors must be numbers: {weights!r}") from None
+        if any(f < 0 or not math.isfinite(f) for f in factors) or not any(factors):
+            raise ValueError(f"upsampling factors must be finite, >= 0 and not all 0: {weights!r}")
+    urls: list[str] = []
+    url_weights: list[float] = []
+    for source, factor in zip(sources, factors):
+        expanded = _expand_source(source)
+        urls += expanded
+        url_weights += [factor] * len(expanded)
+    return urls, url_weights
+
+
+def _shard_sizes(urls: list[str]) -> list[int] | None:
+    """Per-shard sample counts from ``sizes.json`` beside each shard; None when any is unknown."""
+    cache: dict[str, dict | None] = {}
+    sizes = []
+    for url in urls:
+        folder, name = os.path.split(url)
+        if folder not in cache:
+            path = os.path.join(folder, "sizes.json")
+            cache[folder] = json.loads(open(path).read()) if os.path.isfile(path) else None
+        table = cache[folder]
+        if table is None or name not in table:
+            return None
+        sizes.append(int(table[name]))
+    return sizes
+
+
+def get_dataset_size(urls: list[str]) -> tuple[int, int]:
+    """``(num_samples, num_shards)`` of local shards, from ``sizes.json`` beside them (shard basename -> count)
+    or, failing that, a ``__len__`` file (the sample count of the whole folder, open_clip's convention).
+
+    Raises:
+        ValueError: the count of some shard is unknown (give ``--train-num-samples`` then).
+    """
+    total = 0
+    folders: dict[str, list[str]] = {}
+    for url in urls:
+        folder, name = os.path.split(url)
+        folders.setdefault(folder, []).append(name)
+    for folder, names in folders.items():
+        sizes_path, len_path = os.path.join(folder, "sizes.json"), os.path.join(folder, "__len__")
+        if os.path.isfile(sizes_path):
+            table = json.loads(open(sizes_path).read())
+            missing = [n for n in names if n not in table]
+            if missing:
+                raise ValueError(f"shard {missing[0]} is not listed in {sizes_path} ({len(missing)} missing); "
+                                 f"pass --train-num-samples")
+            total += sum(int(table[n]) for n in names)
+        elif os.path.isfile(len_path):
+            total += int(ast.literal_eval(open(len_path).read().strip()))
+        else:
+            raise ValueError(f"cannot tell how many samples {os.path.join(folder, names[0])} holds: no sizes.json "
+                             f"or __len__ in {folder or '.'}; pass --train-num-samples")
+    return total, len(urls)
+
+
+def _check_local_shards(urls: list[str]) -> None:
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not os.path.isfile(u)]
+    if missing:
+        raise FileNotFoundError(f"shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)"
+                                                                     if len(missing) > 1 else ""))
+
+
+# ---------------------------------------------------------------------------------------------------------- stats
+class SkipStats:
+    """What the pipeline skipped, counted across the DataLoader's worker processes (shared memory).
+
+    Fields: ``shards_failed`` (a tar that could not be opened or read to its end: the samples after the damage
+    are lost; counted once per read), ``samples_incomplete`` (no image or no caption), ``samples_undecodable``
+    (image decoding or the transform failed). Counts are for this process's loader (one rank); sum them over
+    ranks if needed. :meth:`reset` at the start of an epoch to get per-epoch counts.
+    """
+
+    def __init__(self):
+        self._counts = multiprocessing.Array("q", len(_STAT_FIELDS))
+
+    def add(self, name: str, n: int = 1) -> None:
+        i = _STAT_FIELDS.index(name)
+        with self._counts.get_lock():
+            self._counts[i] += n
+
+    def reset(self) -> None:
+        with self._counts.get_lock():
+            for i in range(len(_STAT_FIELDS)):
+                self._counts[i] = 0
+
+    def as_dict(self) -> dict[str, int]:
+        with self._counts.get_lock():
+            return dict(zip(_STAT_FIELDS, self._counts[:]))
+
+    shards_failed = property(lambda self: self.as_dict()["shards_failed"])
+    samples_incomplete = property(lambda self: self.as_dict()["samples_incomplete"])
+    samples_undecodable = property(lambda self: self.as_dict()["samples_undecodable"])
+
+    @property
+    def total(self) -> int:
+        return sum(self.as_dict().values())
+
+    def summary(self) -> str:
+        d = self.as_dict()
+        return (f"skipped {d['shards_failed']} corrupt shard read(s), {d['samples_incomplete']} incomplete "
+                f"sample(s), {d['samples_undecodable']} undecodable sample(s)")
+
+    def __repr__(self) -> str:
+        return f"SkipStats({', '.join(f'{k}={v}' for k, v in self.as_dict().items())})"
+
+
+class _SharedEpoch:
+    """Epoch and resume position, shared with the worker processes and read when an iteration starts."""
+
+    def __init__(self, epoch: int = 0, skip_batches: int = 0):
+        self._value = multiprocessing.Array("q", [epoch, skip_batches])
+
+    def set(self, epoch: int, skip_batches: int = 0) -> None:
+        with self._value.get_lock():
+            self._value[0], self._value[1] = epoch, skip_batches
+
+    def get(self) -> tuple[int, int]:
+        with self._value.get_lock():
+            return self._value[0], self._value[1]
+
+
+def _seed(*parts) -> int:
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class _Role:
+    epoch: int
+    rank: int
+    role: int  # the worker role (shard subset and batch residue) this worker plays in this iteration
+    batches_done: int  # batches of this role that come before the resume position
+    batches_total: int  # batches of this role in the epoch (train)
+
+
+@dataclass
+class _Progress:
+    """Per-process bookkeeping shared by the stages of one iteration (the source, the check, the handlers)."""
+
+    url: str | None = None
+    shard_samples: int = 0
+    shard_good: int = 0
+    shard_failed: bool = False
+    shard_keys: set = field(default_factory=set)
+    good_since_check: int = 0
+    pass_index: int = 0
+
+    def start_shard(self, url: str) -> None:
+        self.url, self.shard_samples, self.shard_good, self.shard_failed = url, 0, 0, False
+        self.shard_keys = set()
+
+
+class _Plan:
+    """Everything the stages need, picklable (sent once to each worker process)."""
+
+    def __init__(self, *, urls, weights, resampled, is_train, seed, batch_size, rank, world_size, num_workers,
+                 num_batches, shuffle_buffer, preprocess, tokenizer, stats, shared):
+        self.urls, self.weights, self.resampled, self.is_train = urls, weights, resampled, is_train
+        self.seed, self.batch_size, self.rank, self.world_size = seed, batch_size, rank, world_size
+        self.num_workers, self.num_batches, self.shuffle_buffer = num_workers, num_batches, shuffle_buffer
+        self.preprocess, self.tokenizer, self.stats, self.shared = preprocess, tokenizer, stats, shared
+        self.progress = _Progress()
+
+    def role(self) -> _Role:
+        epoch, skip = self.shared.get() if self.is_train else (0, 0)
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        if info is not None and info.num_workers != self.num_workers:
+            raise RuntimeError(f"pipeline built for {self.num_workers} workers runs in {info.num_workers}")
+        w = self.num_workers
+        role = (worker + skip) % w
+        done = skip // w + (1 if role < skip % w else 0)
+        total = self.num_batches // w + (1 if role < self.num_batches % w else 0)
+        return _Role(epoch, self.rank, role, done, total)
+
+    def select_file(self, fname: str) -> bool:
+        """``select_files`` of wds.tarfile_to_samples: notes every extension of the shard (for the fail-fast
+        message) and reads the data of images and captions only."""
+        name = fname.rsplit("/", 1)[-1]
+        ext = name.split(".", 1)[1].lower() if "." in name else ""
+        self.progress.shard_keys.add(ext)
+        return ext in _WANTED
+
+    # exception handlers (return True: skip and go on)
+    def on_shard_error(self, exn: Exception) -> bool:
+        if not self.progress.shard_failed:
+            self.progress.shard_failed = True
+            self.stats.add("shards_failed")
+            log.warning("skipping the rest of shard %s: %s: %s", self.progress.url, type(exn).__name__,
+                        str(exn).split(" @ ")[0][:200])
+        return True
+
+    def on_sample_error(self, exn: Exception) -> bool:
+        self.stats.add("samples_undecodable")
+        cause = exn.__cause__ or exn
+        where = f"{getattr(exn, 'key', '?')} in {getattr(exn, 'url', '?')}" if isinstance(
+            exn, wds.autodecode.DecodingError) else "a sample"
+        log.warning("skipping %s: %s: %s", where, type(cause).__name__, str(cause)[:200])
+        return True
+
+
+def _check_shard(progress: _Progress) -> None:
+    """Called by the shard source once a shard has been read: samples but none usable is a dataset error."""
+    if progress.url is not None and progress.shard_samples and not progress.shard_good and not progress.shard_failed:
+        raise ValueError(f"no sample in shard {progress.url} has both an image ({'/'.join(IMAGE_EXTENSIONS)}) and "
+                         f"a caption ({CAPTION_EXTENSION}); keys found: {', '.join(sorted(progress.shard_keys))}")
+
+
+# --------------------------------------------------------------------------------------------------------- stages
+class _ShardSource(wds.SimpleShardList):
+    """Shard URLs for one worker: the list shuffled per epoch and pass (same order on every rank), then split
+    by rank and by worker role; repeated (reshuffled) until the batch budget is met when training."""
+
+    def __init__(self, plan: _Plan):
+        super().__init__(plan.urls)
+        self.plan = plan
+
+    def __iter__(self):
+        plan, progress = self.plan, self.plan.progress
+        r = plan.role()
+        progress.__init__()
+        passes = 0
+        while True:
+            order = list(self.urls)
+            if plan.is_train:
+                random.Random(_seed(plan.seed, r.epoch, "shards", passes)).shuffle(order)
+            mine = order[plan.rank::plan.world_size][r.role::plan.num_workers]
+            if not mine:
+                if plan.is_train:
+                    raise ValueError(f"rank {plan.rank} worker {r.role} got no shard: {len(self.urls)} shard(s) for "
+                                     f"{plan.world_size} rank(s) x {plan.num_workers} worker(s)")
+                return
+            progress.good_since_check, progress.pass_index = 0, passes
+            for url in mine:
+                progress.start_shard(url)
+                yield dict(url=url)
+                _check_shard(progress)
+            if not plan.is_train:
+                return
+            if progress.good_since_check == 0:
+                raise RuntimeError(f"no readable sample in the {len(mine)} shard(s) of rank {plan.rank} worker "
+                                   f"{r.role} (e.g. {mine[0]}); see the warnings above")
+            passes += 1
+
+
+class _ResampledSource(wds.ResampledShards):
+    """Shard URLs drawn with replacement (weights: the upsampling factors), seeded by seed, epoch, rank, role."""
+
+    def __init__(self, plan: _Plan):
+        super().__init__(plan.urls, deterministic=True, seed=plan.seed)
+        self.plan = plan
+
+    def __iter__(self):
+        plan, progress = self.plan, self.plan.progress
+        r = plan.role()
+        progress.__init__()
+        rng = random.Random(_seed(plan.seed, r.epoch, "resampled", plan.rank, r.role))
+        patience = 10 * len(self.urls) + 100
+        misses = 0
+        while True:
+            url = rng.choices(self.urls, weights=plan.weights)[0]
+            progress.start_shard(url)
+            progress.good_since_check = 0
+            yield dict(url=url)
+            _check_shard(progress)
+            misses = 0 if progress.good_since_check else misses + 1
+            if misses >= patience:
+                raise RuntimeError(f"no readable sample in the last {misses} shards drawn by rank {plan.rank} "
+                                   f"worker {r.role}; see the warnings above")
+
+
+class _CheckSamples(wds.PipelineStage):
+    """Keeps samples with an image and a caption (one image field, the caption, the key, the URL and the pass),
+    counts the others, and records how many each shard had for the fail-fast check of the shard source."""
+
+    def __init__(self, plan: _Plan):
+        self.plan = plan
+
+    def run(self, src):
+        progress, stats = self.plan.progress, self.plan.stats
+        for sample in src:
+            progress.shard_samples += 1
+            image_key = next((k for k in IMAGE_EXTENSIONS if k in sample), None)
+            if image_key is None or CAPTION_EXTENSION not in sample:
+                stats.add("samples_incomplete")
+                continue
+            progress.shard_good += 1
+            progress.good_since_check += 1
+            yield {"__key__": sample["__key__"], "__url__": sample["__url__"], "__pass__": progress.pass_index,
+                   image_key: sample[image_key], CAPTION_EXTENSION: sample[CAPTION_EXTENSION]}
+
+
+class _Shuffle(wds.PipelineStage):
+    """wds.shuffle with a generator seeded by (seed, epoch, rank, worker role), restarted at each pass over the
+    shards so that an epoch sees every sample of the rank's shards once before it sees any twice."""
+
+    def __init__(self, plan: _Plan, initial: int):
+        self.plan, self.initial = plan, initial
+
+    def run(self, src):
+        r = self.plan.role()
+        rng = random.Random(_seed(self.plan.seed, r.epoch, "samples", r.rank, r.role))
+        shuffle = wds.shuffle(self.plan.shuffle_buffer, min(self.initial, self.plan.shuffle_buffer), rng=rng)
+        for _, one_pass in itertools.groupby(src, key=lambda sample: sample["__pass__"]):
+            yield from shuffle(one_pass)
+
+
+class _Prepare(wds.PipelineStage):
+    """Skips this role's batches before the resume position, then transforms and tokenises each sample with
+    the global torch and Python RNGs seeded per sample (and restored after, so the caller's streams are kept)."""
+
+    def __init__(self, plan: _Plan):
+        self.plan = plan
+
+    def run(self, src):
+        plan = self.plan
+        r = plan.role()
+        to_skip = r.batches_done * plan.batch_size if plan.is_train else 0
+        base = _seed(plan.seed, r.epoch, "augment", r.rank, r.role)
+        generator = torch.random.default_generator
+        in_worker = get_worker_info() is not None  # a worker's global RNGs serve this pipeline only
+        for position, (image, text) in enumerate(src):
+            if position < to_skip:
+                continue
+            try:
+                if not plan.is_train:
+                    image = plan.preprocess(image)
+                elif in_worker:
+                    sample_seed = _seed(base, position)
+                    generator.manual_seed(sample_seed)
+                    random.seed(sample_seed)
+                    image = plan.preprocess(image)
+                else:
+                    sample_seed = _seed(base, position)
+                    torch_state, py_state = generator.get_state(), random.getstate()
+                    generator.manual_seed(sample_seed)
+                    random.seed(sample_seed)
+                    try:
+                        image = plan.preprocess(image)
+                    finally:
+                        generator.set_state(torch_state)
+                        random.setstate(py_state)
+                tokens = plan.tokenizer([str(text).strip()])[0]
+            except Exception as exn:
+                plan.on_sample_error(exn)
+                continue
+            yield image, tokens
+
+
+class _Budget(wds.PipelineStage):
+    """The fixed number of batches this worker role produces in a training epoch (after the resume position)."""
+
+    def __init__(self, plan: _Plan):
+        self.plan = plan
+
+    def run(self, src):
+        r = self.plan.role()
+        remaining = r.batches_total - r.batches_done
+        if remaining <= 0:
+            return
+        for i, batch in enumerate(src):
+            yield batch
+            if i + 1 >= remaining:
+                return
+
+
+def _collate(samples):
+    images, texts = zip(*samples)
+    return torch.stack(images), torch.stack(texts)
+
+
+# ----------------------------------------------------------------------------------------------------- the loader
+@dataclass
+class DataInfo:
+    """The loader and its epoch size. ``num_batches`` batches per epoch on every rank (train);
+    ``stats`` counts what was skipped (see :class:`SkipStats`)."""
+
+    dataloader: Any
+    num_samples: int
+    num_batches: int
+    stats: SkipStats
+    shared_epoch: _SharedEpoch | None = None
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Selects the epoch (and the batch to start at) for the next iteration of ``dataloader``."""
+        if not 0 <= skip_batches < max(self.num_batches, 1):
+            raise ValueError(f"skip_batches={skip_batches} outside the epoch's {self.num_batches} batches")
+        if self.shared_epoch is None:
+            raise ValueError("set_epoch needs a training loader")
+        self.shared_epoch.set(epoch, skip_batches)
+
+
+def get_wds_loader(urls, preprocess, tokenizer, *, batch_size: int, num_samples: int | None = None,
+                   resampled: bool = False, upsampling_factors=None, is_train: bool = True, epoch: int = 0,
+                   seed: int = 0, workers: int = 1, world_size: int = 1, rank: int = 0, skip_batches: int = 0,
+                   shuffle_buffer: int = 1000, pin_memory: bool = False, persistent_workers: bool | None = None,
+                   prefetch_factor: int = 2) -> DataInfo:
+    """A webdataset loader of ``(images float (B, 3, H, W), texts long (B, context))`` batches.
+
+    Args:
+        urls: shard URLs (a list, e.g. from :func:`expand_urls`) or a spec string for :func:`expand_urls`.
+        preprocess: the image transform (PIL RGB image -> tensor), e.g. ``create_model_and_transforms(...)[1]``.
+        tokenizer: list of n strings -> LongTensor (n, context), e.g. ``diffclip.get_tokenizer(name)``.
+        batch_size: per rank.
+        num_samples: samples per epoch over all ranks; None: from ``sizes.json``/``__len__``.
+        resampled: draw shards with replacement (weights: ``upsampling_factors``, one per URL or a ``::`` spec).
+        is_train: shuffling, a fixed number of full batches per epoch and per-sample seeded augmentation; else one
+            ordered pass over the shards (split by rank and worker) with a partial last batch.
+        epoch, skip_batches: the epoch to produce and the batch to start at (exact mid-epoch resume); later
+            epochs are selected with :meth:`DataInfo.set_epoch`.
+        seed: the seed of shard order, shuffle buffer and augmentation (with the epoch).
+        workers: DataLoader worker processes (0: in this process).
+        world_size, rank: the data-parallel split (every rank gets the same number of batches).
+
+    Raises:
+        ValueError: unknown dataset size, too few samples or shards for the split, bad arguments.
+        FileNotFoundError: a local shard that does not exist.
+    """
+    if isinstance(urls, str):
+        urls, spec_weights = expand_urls(urls, upsampling_factors if isinstance(upsampling_factors, str) else None)
+    else:
+        urls, spec_weights = list(urls), None
+    if not urls:
+        raise ValueError("no shards given")
+    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or workers < 0:
+        raise ValueError(f"bad split: batch_size={batch_size}, world_size={world_size}, rank={rank}, workers={workers}")
+    _check_local_shards(urls)
+    if upsampling_factors is None or isinstance(upsampling_factors, str):
+        weights = spec_weights or [1.0] * len(urls)
+    else:
+        weights = [float(w) for w in upsampling_factors]
+        if len(weights) != len(urls):
+            raise ValueError(f"{len(weights)} upsampling factors for {len(urls)} shards")
+    if upsampling_factors is not None and not resampled:
+        raise ValueError("upsampling factors need resampled shards (--dataset-resampled)")
+    if num_samples is None:
+        num_samples, _ = get_dataset_size(urls)
+    num_workers = max(1, workers)
+    if is_train:
+        num_batches = num_samples // (batch_size * world_size)
+        if num_batches < 1:
+            raise ValueError(f"{num_samples} samples make no full batch of {batch_size} x {world_size} rank(s)")
+        if not resampled and len(urls) < world_size * num_workers:
+            raise ValueError(f"{len(urls)} shard(s) cannot be split over {world_size} rank(s) x {num_workers} "
+                             f"worker(s): write more shards, use fewer workers, or resample (--dataset-resampled)")
+        if not 0 <= skip_batches < num_batches:
+            raise ValueError(f"skip_batches={skip_batches} outside the epoch's {num_batches} batches")
+    else:
+        if resampled or skip_batches:
+            raise ValueError("evaluation loaders are neither resampled nor resumed")
+        sizes = _shard_sizes(urls)
+        if sizes is not None:  # exact: each worker's partial last batch
+            mine = list(range(len(urls)))[rank::world_size]
+            num_batches = sum(math.ceil(sum(sizes[i] for i in mine[w::num_workers]) / batch_size)
+                              for w in range(num_workers))
+        else:
+            num_batches = math.ceil(num_samples / (batch_size * world_size))
+    stats, shared = SkipStats(), _SharedEpoch(epoch, skip_batches)
+    plan = _Plan(urls=urls, weights=weights, resampled=resampled, is_train=is_train, seed=seed,
+                 batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
+                 num_batches=num_batches, shuffle_buffer=shuffle_buffer, preprocess=preprocess,
+                 tokenizer=tokenizer, stats=stats, shared=shared)
+    stages = [
+        _ResampledSource(plan) if resampled else _ShardSource(plan),
+        wds.tarfile_to_samples(handler=plan.on_shard_error, select_files=plan.select_file),
+        _CheckSamples(plan),
+    ]
+    if is_train:
+        stages.append(_Shuffle(plan, initial=max(1, shuffle_buffer // 4)))
+    stages += [
+        wds.decode("pil", handler=plan.on_sample_error),
+        wds.to_tuple(";".join(IMAGE_EXTENSIONS), CAPTION_EXTENSION),
+        _Prepare(plan),
+        wds.batched(batch_size, collation_fn=_collate, partial=not is_train),
+    ]
+    if is_train:
+        stages.append(_Budget(plan))
+    pipeline = wds.DataPipeline(*stages)
+    if persistent_workers is None:
+        persistent_workers = workers > 0
+    loader_kw = dict(prefetch_factor=prefetch_factor) if workers > 0 else {}
+    dataloader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers,
+                               persistent_workers=persistent_workers and workers > 0, pin_memory=pin_memory,
+                               **loader_kw)
+    dataloader.num_batches, dataloader.num_samples = num_batches, num_samples
+    return DataInfo(dataloader=dataloader, num_samples=num_samples, num_batches=num_batches, stats=stats,
+                    shared_epoch=shared if is_train else None)

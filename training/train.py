@@ -1,0 +1,351 @@
+"""The training step and the epoch loop of contrastive training, and the validation pass.
+
+A step is: the learning rate of the step (linear warm-up, then cosine), forward and backward over
+``accum_freq`` micro-batches (:func:`forward_backward`), the gradient of the loss's own parameters averaged
+over ranks, optional clipping, the AdamW step (through the grad scaler with fp16), and the clamp of the logit
+scale to [0, ln 100].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from diffclip.loss import clamp_logit_scale
+from diffclip.metrics import retrieval_metrics
+
+from .distributed import DistInfo, all_reduce_mean
+
+__all__ = ["unwrap_model", "param_groups", "cosine_lr", "const_lr", "get_autocast", "encode", "forward_backward",
+           "sync_loss_grads", "train_step", "TrainState", "train_one_epoch", "evaluate_val"]
+
+log = logging.getLogger("train")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP and/or ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _no_decay_names(model: nn.Module) -> set[str]:
+    names = {"logit_scale", "logit_bias", "positional_embedding"}
+    visual = getattr(model, "visual", None)
+    if visual is not None and hasattr(visual, "no_weight_decay"):
+        names |= {f"visual.{n}" for n in visual.no_weight_decay()}
+    return names
+
+
+def param_groups(model: nn.Module, weight_decay: float, extra: nn.Module | None = None) -> list[dict]:
+    """AdamW parameter groups: weight decay on weight matrices only.
+
+    No decay on: every parameter with fewer than 2 dimensions (LayerNorm gains and biases, all biases, the
+    head-wise RMSNorm gains ``diff_norm.weight``, the differential-attention vectors ``lambda_q1``/``lambda_k1``/
+    ``lambda_q2``/``lambda_k2``, ``logit_scale``), the positional and class embeddings (``visual.pos_embed``,
+    ``visual.cls_token``, text ``positional_embedding``: what timm's ``no_weight_decay()`` lists) and the
+    parameters of ``extra`` (the SigLIP ``logit_bias``). Decay on the projections, MLP and attention matrices,
+    patch embedding and token embedding (as open_clip does).
+
+    Returns:
+        ``[{"params": decay, "weight_decay": wd, "name": "decay"}, {"params": no_decay, "weight_decay": 0., ...}]``.
+    """
+    skip = _no_decay_names(model)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or name.endswith(".bias") or name in skip or name.rsplit(".", 1)[-1].startswith("lambda_"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    if extra is not None:
+        no_decay += [p for p in extra.parameters() if p.requires_grad]
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def cosine_lr(step: int, base_lr: float, warmup: int, total_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): ``base_lr * (step + 1) / warmup`` during the warm-up,
+    then ``0.5 * (1 + cos(pi * e / E)) * base_lr`` with ``e = step - warmup``, ``E = total_steps - warmup``."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    e, es = step - warmup, max(1, total_steps - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(e, es) / es)) * base_lr
+
+
+def const_lr(step: int, base_lr: float, warmup: int, total_steps: int) -> float:
+    """Linear warm-up, then constant."""
+    return base_lr * (step + 1) / warmup if step < warmup else base_lr
+
+
+def get_autocast(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """Factory of the autocast context of ``precision``: ``amp`` is fp16 autocast on CUDA and bf16 on CPU,
+    ``amp_bf16`` bf16 autocast; ``fp32`` and pure ``bf16`` use no autocast."""
+    if precision == "amp":
+        dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        return lambda: torch.autocast(device.type, dtype=dtype)
+    if precision == "amp_bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def encode(model: nn.Module, images: torch.Tensor, texts: torch.Tensor):
+    """``(image_features, text_features, logit_scale)``: L2-normalised (B, D) features in fp32 and the
+    exponentiated scale, through ``model``'s forward (so that DDP sees the call)."""
+    out = model(images, texts)
+    return (F.normalize(out["image_embed"].float(), dim=-1), F.normalize(out["text_embed"].float(), dim=-1),
+            out["logit_scale"].float())
+
+
+def _loss(loss_fn: nn.Module, img, txt, scale, bias_grad: bool = True) -> torch.Tensor:
+    bias = getattr(loss_fn, "logit_bias", None)
+    if bias is None:
+        return loss_fn(img, txt, scale)
+    return loss_fn(img, txt, scale, bias if bias_grad else bias.detach())
+
+
+def _backward(loss: torch.Tensor, scaler) -> None:
+    if scaler is not None and scaler.is_enabled():
+        scaler.scale(loss).backward()
+    else:
+        loss.backward()
+
+
+def forward_backward(model: nn.Module, loss_fn: nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+                     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                     scaler=None) -> torch.Tensor:
+    """Forward and backward passes of one optimizer step; gradients are accumulated in ``.grad``.
+
+    With one micro-batch this is ``loss(encode(batch)).backward()``. With ``k > 1`` micro-batches it gives the
+    gradient of the loss over their union (open_clip's ``--accum-freq`` scheme): the features of every
+    micro-batch are first computed without gradients and cached; then each micro-batch ``j`` is encoded again
+    with gradients and the loss over the union (cached features of the others, fresh ones of ``j``) is
+    backpropagated, which adds the union-loss gradient through micro-batch ``j``. The sum over ``j`` is the
+    gradient of the union loss. The logit scale (and SigLIP bias) enter with gradients in the last pass only,
+    so that their gradient is counted once; DDP synchronises gradients in that last pass only (``no_sync``).
+
+    Args:
+        model: the model (DDP-wrapped or not); ``model(images, texts)`` returns the DiffCLIP output dict.
+        loss_fn: :class:`diffclip.loss.ClipLoss` or :class:`diffclip.loss.SigLipLoss`.
+        micro_batches: ``k`` pairs ``(images (b, 3, H, W), texts (b, ctx))`` already on the device.
+        autocast: factory of the autocast context.
+        scaler: a ``torch.amp.GradScaler`` (fp16) or None.
+
+    Returns:
+        The loss of this rank (0-d, detached).
+    """
+    if len(micro_batches) == 1:
+        images, texts = micro_batches[0]
+        with autocast():
+            img, txt, scale = encode(model, images, texts)
+            loss = _loss(loss_fn, img, txt, scale)
+        _backward(loss, scaler)
+        return loss.detach()
+
+    with torch.no_grad(), autocast():
+        cached = [encode(model, images, texts)[:2] for images, texts in micro_batches]
+    is_ddp = isinstance(model, DistributedDataParallel)
+    for j, (images, texts) in enumerate(micro_batches):
+        last = j == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if (last or not is_ddp) else model.no_sync()
+        with sync:
+            with autocast():
+                img, txt, scale = encode(model, images, texts)
+                all_img = torch.cat([c[0] for c in cached[:j]] + [img] + [c[0] for c in cached[j + 1:]])
+                all_txt = torch.cat([c[1] for c in cached[:j]] + [txt] + [c[1] for c in cached[j + 1:]])
+                loss = _loss(loss_fn, all_img, all_txt, scale if last else scale.detach(), bias_grad=last)
+            _backward(loss, scaler)
+    return loss.detach()
+
+
+def sync_loss_grads(loss_fn: nn.Module, dist_info: DistInfo) -> None:
+    """Averages the gradients of the loss's own parameters (SigLIP's ``logit_bias``) over ranks, as DDP does
+    for the model's."""
+    if dist_info.distributed:
+        for p in loss_fn.parameters():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= dist_info.world_size
+
+
+def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
+               micro_batches: list[tuple[torch.Tensor, torch.Tensor]], dist_info: DistInfo,
+               autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext, scaler=None,
+               grad_clip_norm: float | None = None) -> torch.Tensor:
+    """One optimizer step (the learning rate must already be set): zero the gradients, forward/backward,
+    average the loss module's gradients over ranks (DDP does the model's), clip, step, clamp the logit scale.
+
+    Returns:
+        The loss of this rank (0-d, detached).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss = forward_backward(model, loss_fn, micro_batches, autocast, scaler)
+    sync_loss_grads(loss_fn, dist_info)
+    use_scaler = scaler is not None and scaler.is_enabled()
+    if grad_clip_norm is not None:
+        if use_scaler:
+            scaler.unscale_(optimizer)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, grad_clip_norm)
+    if use_scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    clamp_logit_scale(unwrap_model(model).logit_scale)
+    return loss
+
+
+@dataclass
+class TrainState:
+    """Everything the epoch loop needs; ``step`` counts optimizer steps since the start of training."""
+
+    args: object
+    model: nn.Module
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: object
+    dist: DistInfo
+    autocast: Callable
+    input_dtype: torch.dtype
+    lr_fn: Callable[[int], float]
+    steps_per_epoch: int
+    total_steps: int
+    step: int = 0
+    epoch: int = 0
+    results: Callable[[dict], None] = lambda record: None
+    tb_writer: object = None
+    extra: dict = field(default_factory=dict)
+
+
+def _to_device(batch, device, dtype):
+    images, texts = batch[0], batch[1]
+    return images.to(device=device, dtype=dtype, non_blocking=True), texts.to(device=device, non_blocking=True)
+
+
+def train_one_epoch(state: TrainState, data, start_batch: int = 0,
+                    on_step: Callable[[TrainState, int], None] | None = None) -> None:
+    """Trains ``state.epoch`` from micro-batch ``start_batch`` (the loader must start there) to the end.
+
+    Args:
+        state: the run; ``state.step`` is advanced.
+        data: a ``training.data.DataInfo`` (``dataloader``, ``num_batches``): the batches of this epoch.
+        start_batch: micro-batches of this epoch already done (a mid-epoch resume), a multiple of accum_freq.
+        on_step: called as ``on_step(state, batches_done_in_epoch)`` after every optimizer step, on every rank
+            (checkpointing).
+    """
+    args, info = state.args, state.dist
+    accum = args.accum_freq
+    model = state.model
+    model.train()
+    step_in_epoch, n_steps = start_batch // accum, state.steps_per_epoch
+    global_batch = args.batch_size * accum * info.world_size
+    bar = tqdm(total=n_steps, initial=step_in_epoch, disable=not info.is_master, desc=f"epoch {state.epoch}",
+               unit="step", dynamic_ncols=True, leave=False, mininterval=1.0)
+    micro: list = []
+    data_time = batch_time = 0.0
+    n_timed = 0
+    t_last = time.perf_counter()
+    t_log = t_last
+    for batch in data.dataloader:
+        if step_in_epoch >= n_steps:
+            break
+        micro.append(_to_device(batch, info.device, state.input_dtype))
+        if len(micro) < accum:
+            continue
+        t_data = time.perf_counter()
+        data_time += t_data - t_last
+        lr = state.lr_fn(state.step)
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+        loss = train_step(model, state.loss_fn, state.optimizer, micro, info, state.autocast, state.scaler,
+                          args.grad_clip_norm)
+        micro = []
+        state.step += 1
+        step_in_epoch += 1
+        t_last = time.perf_counter()
+        batch_time += t_last - t_data
+        n_timed += 1
+        bar.update(1)
+        if state.step % args.log_every_n_steps == 0 or step_in_epoch == n_steps:
+            loss_mean = all_reduce_mean(loss.float(), info).item()
+            if info.is_master:
+                elapsed = t_last - t_log
+                scale = unwrap_model(model).logit_scale.exp().item()
+                record = {"type": "train", "step": state.step, "epoch": state.epoch,
+                          "epoch_progress": step_in_epoch / n_steps, "loss": loss_mean, "lr": lr,
+                          "logit_scale": scale, "samples_per_second": n_timed * global_batch / max(elapsed, 1e-9),
+                          "samples_per_second_per_process": n_timed * global_batch / info.world_size
+                          / max(elapsed, 1e-9), "data_time": data_time / n_timed, "batch_time": batch_time / n_timed}
+                if hasattr(state.loss_fn, "logit_bias"):
+                    record["logit_bias"] = state.loss_fn.logit_bias.item()
+                bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.2e}", scale=f"{scale:.1f}")
+                log.info("epoch %d step %d/%d (%d in epoch) loss %.4f lr %.3e logit_scale %.2f %.1f samples/s "
+                         "data %.3fs batch %.3fs", state.epoch, state.step, state.total_steps, step_in_epoch,
+                         loss_mean, lr, scale, record["samples_per_second"], record["data_time"],
+                         record["batch_time"])
+                state.results(record)
+                if state.tb_writer is not None:
+                    for key in ("loss", "lr", "logit_scale", "samples_per_second", "data_time", "batch_time",
+                                "logit_bias"):
+                        if key in record:
+                            state.tb_writer.add_scalar(f"train/{key}", record[key], state.step)
+            data_time = batch_time = 0.0
+            n_timed = 0
+            t_log = time.perf_counter()
+        if on_step is not None:
+            on_step(state, step_in_epoch * accum)
+        t_last = time.perf_counter()
+    bar.close()
+    if step_in_epoch < n_steps:
+        raise RuntimeError(f"the data loader of epoch {state.epoch} ended after {step_in_epoch} of {n_steps} steps")
+
+
+@torch.no_grad()
+def evaluate_val(model: nn.Module, loss_fn_local: nn.Module, data, device: torch.device, autocast, input_dtype
+                 ) -> dict[str, float]:
+    """Validation on one process: the contrastive loss over each batch (mean over batches) and retrieval
+    recall@1/5/10 over the whole set (one caption per image).
+
+    Returns:
+        ``{"val_loss", "image_retrieval_recall@k", "text_retrieval_recall@k", "num_samples"}``.
+    """
+    model.eval()
+    imgs, txts, losses = [], [], []
+    for batch in data.dataloader:
+        images, texts = _to_device(batch, device, input_dtype)
+        with autocast():
+            img, txt, scale = encode(model, images, texts)
+            bias = getattr(loss_fn_local, "logit_bias", None)
+            loss = loss_fn_local(img, txt, scale) if bias is None else loss_fn_local(img, txt, scale, bias)
+        losses.append(loss.float().item())
+        imgs.append(img.float().cpu())
+        txts.append(txt.float().cpu())
+    model.train()
+    if not imgs:
+        raise ValueError("the validation set is empty")
+    img, txt = torch.cat(imgs), torch.cat(txts)
+    out = {"val_loss": sum(losses) / len(losses), "num_samples": img.shape[0]}
+    out.update(retrieval_metrics(img, txt, torch.arange(img.shape[0])))
+    return out
+
+
+def dumps(record: dict) -> str:
+    """JSON line of a results record (non-finite floats as strings)."""
+    return json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in record.items()})
