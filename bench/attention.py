@@ -3,7 +3,7 @@
 Candidates, run side by side in one process with interleaved repetitions (median time reported):
 ours fused (one SDPA call, value width 2d), ours fused split-V (equal widths, flash-capable), ours exact
 (materialised maps), timm's ``DiffAttention`` at the same width, and standard SDPA attention.
-Peak memory is the growth of the resident set of a forked child that runs one forward+backward
+Peak memory is the growth of the resident set of a spawned child that runs one forward+backward
 (CPU has no allocator statistics; on CUDA ``torch.cuda.max_memory_allocated`` is used instead).
 
     python bench/attention.py [--batch 32] [--reps 7] [--device cpu]
@@ -58,7 +58,7 @@ def _child_peak(name, dim, heads, batch, n, causal, device, q):
 
 
 def peak_mib(name, dim, heads, batch, n, causal, device) -> float:
-    ctx = mp.get_context("fork" if device == "cpu" else "spawn")
+    ctx = mp.get_context("spawn")  # a fresh process: forking after OpenMP threads ran can deadlock
     q = ctx.Queue()
     p = ctx.Process(target=_child_peak, args=(name, dim, heads, batch, n, causal, device, q))
     p.start()

@@ -10,6 +10,10 @@ The same class with ``attn_type="standard"`` in a tower is the CLIP baseline.
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +62,23 @@ class DiffCLIP(nn.Module, PyTorchModelHubMixin, library_name="diffclip", tags=["
         self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.init_parameters()
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs):
+        """Writes ``config.json`` + ``model.safetensors`` (+ a model card) like huggingface_hub's mixin, but
+        atomically: into a temporary sibling directory first, then each file is moved into place with
+        ``os.replace``, so an interrupted save never leaves a half-written file. ``kwargs`` are the mixin's
+        (``push_to_hub=True, repo_id=...`` also uploads)."""
+        target = Path(save_directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            result = super().save_pretrained(tmp, **kwargs)
+            target.mkdir(exist_ok=True)
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, target / f.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return result
 
     @property
     def image_size(self) -> int:

@@ -150,3 +150,21 @@ def test_open_clip_weights_give_open_clip_embeddings(oc_name, ours, tmp_path):
         torch.testing.assert_close(model.encode_text(text), ref.encode_text(text), atol=1e-4, rtol=0)
     assert model.logit_scale.item() == ref.logit_scale.item()
     assert set(convert_open_clip_state_dict(ref.state_dict())) == set(model.state_dict())
+
+
+def test_save_pretrained_is_atomic_and_overwrites(tiny, tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "model.safetensors").write_bytes(b"old, half-written")
+    tiny.save_pretrained(target)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary directory left behind
+    _same(_outputs(tiny, "DiffCLIP-Tiny-64"), _outputs(DiffCLIP.from_pretrained(target).eval(), "DiffCLIP-Tiny-64"))
+
+
+def test_depth_scheduled_lambda_config_builds_per_layer_values():
+    cfg = diffclip.get_model_config("DiffCLIP-Tiny-64")
+    cfg["vision_cfg"]["lambda_init"] = cfg["text_cfg"]["lambda_init"] = "schedule"
+    model = DiffCLIP(**cfg)
+    expected = [diffclip.lambda_init_schedule(i) for i in range(6)]
+    assert [b.attn.lambda_init for b in model.visual.blocks] == pytest.approx(expected)
+    assert [b.attn.lambda_init for b in model.transformer.resblocks] == pytest.approx(expected[:4])

@@ -284,8 +284,11 @@ def test_emoji_sets(tmp_path):
     assert len(build_dataset("emoji-google", tmp_path, split="test")) == 2
     assert len(build_dataset("emoji-google", tmp_path, split="train")) == 4
     ret = build_retrieval_dataset("emoji-google", tmp_path)
-    assert ret.captions[0] == ["an emoji of thumbs up sign", "an emoji of +1", "an emoji of thumbsup"]
+    assert ret.captions[0] == ["an emoji of thumbs up sign", "an emoji of thumbsup"]  # "+1" is left out
     assert ["an emoji of grinning face", "an emoji of grinning"] in ret.captions
+    assert readers.emoji_captions({"name": "SPAIN  FLAG", "short_names": ["es", "flag-es"]}) == ["an emoji of spain flag"]
+    assert readers.emoji_captions({"name": "X", "short_names": ["u5272", "umbrella_with_rain-drops"]}) == [
+        "an emoji of x", "an emoji of umbrella with rain drops"]
     with pytest.raises(DatasetNotFoundError, match="emoji-datasource-twitter"):
         build_dataset("emoji-twitter", tmp_path)
 
@@ -308,3 +311,18 @@ def test_registry_and_missing_errors(tmp_path):
         build_dataset("imagenet-a", tmp_path, split="train")
     with pytest.raises(ValueError, match="cannot be downloaded"):
         build_dataset("imagenet1k", tmp_path, download=True)
+
+
+def test_objectnet_layout(tmp_path):
+    root = tmp_path / "objectnet-1.0"
+    (root / "mappings").mkdir(parents=True)
+    (root / "mappings" / "folder_to_objectnet_label.json").write_text(json.dumps(
+        {"alarm_clock": "Alarm clock", "banana": "Banana", "bath_towel": "Bath towel"}))
+    (root / "mappings" / "objectnet_to_imagenet_1k.json").write_text(json.dumps(
+        {"Alarm clock": "analog clock; digital clock", "Banana": "banana"}))  # no bath towel in ImageNet
+    for folder in ("alarm_clock", "banana", "bath_towel"):
+        save(digit(3, 20), root / "images" / folder / "1.png")
+    ds = build_dataset("objectnet", tmp_path)
+    assert ds.classnames == ["alarm clock", "banana"] and ds.targets == [0, 1]
+    img, _ = ds[0]
+    assert img.size == (18, 18)  # the 1-pixel border is cut

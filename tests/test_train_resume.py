@@ -1,0 +1,161 @@
+"""training/main.py end to end on real shards (crops of scikit-image photos written by training/make_shards.py):
+
+* a run killed with SIGKILL mid-epoch and continued with ``--resume latest`` logs the same loss sequence as an
+  uninterrupted run (results.jsonl, every step);
+* the exported ``final_model/`` loads with ``diffclip.create_model(name, pretrained=dir)`` and gives the same
+  outputs as the last checkpoint;
+* results.jsonl, params.txt, out.log, TensorBoard events, validation and zero-shot records are written.
+"""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+
+import diffclip
+from training import make_shards
+
+MAIN = Path(__file__).resolve().parents[1] / "training" / "main.py"
+PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "coins"]
+MODEL = "DiffCLIP-Tiny-64"
+KILL_AFTER_STEP = 4  # a mid-epoch checkpoint (6 steps per epoch)
+
+
+def _write_sources(root: Path) -> tuple[Path, Path]:
+    """64 crops of real photos with unique captions -> 4 train shards + 1 val shard; a 3-class image folder."""
+    img = root / "img"
+    img.mkdir(parents=True)
+    rows = []
+    for i in range(64):
+        name = PHOTOS[i % len(PHOTOS)]
+        photo = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+        w, h = photo.size
+        left, top = (i // len(PHOTOS)) * w // 24, (i % 3) * h // 12
+        photo.crop((left, top, left + w // 2, top + h // 2)).resize((48, 48)).save(img / f"{i:03d}.jpg")
+        rows.append((f"img/{i:03d}.jpg", f"crop {i} of a photo of a {name}"))
+    with open(root / "captions.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("filepath", "caption"), *rows])
+    shards = root / "shards"
+    make_shards.write_shards(make_shards.read_csv_source(root / "captions.csv"), shards, samples_per_shard=14,
+                             image_size=64, seed=0, val_fraction=0.125, progress=False)
+    zs = root / "zeroshot"
+    for name in PHOTOS[:3]:
+        (zs / name).mkdir(parents=True)
+        for j in range(2):
+            photo = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+            photo.resize((64 + 16 * j, 64 + 16 * j)).save(zs / name / f"{j}.png")
+    (zs / "templates.txt").write_text("a photo of a {}.\n{}\n")
+    return shards, zs
+
+
+def _cmd(shards: Path, zs: Path, logs: Path, name: str, *extra: str) -> list[str]:
+    return [sys.executable, str(MAIN), "--model", MODEL, "--train-data", str(shards), "--val-data",
+            str(shards / "val"), "--zeroshot-data", str(zs), "--batch-size", "8", "--train-num-samples", "48",
+            "--epochs", "2", "--lr", "1e-3", "--warmup", "3", "--wd", "0.1", "--precision", "fp32", "--workers", "1",
+            "--seed", "3", "--logs", str(logs), "--name", name, "--log-every-n-steps", "1",
+            "--save-every-n-steps", "2", "--report-to", "tensorboard", *extra]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss; a step logged twice (before the kill and after the resume) keeps its last record."""
+    out = {}
+    for line in (run_dir / "results.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["type"] == "train":
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    shards, zs = _write_sources(root)
+    logs = root / "logs"
+    # the uninterrupted run and the run to be killed go side by side
+    full = subprocess.Popen(_cmd(shards, zs, logs, "full"), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    killed = subprocess.Popen(_cmd(shards, zs, logs, "killed"), env=_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    target = logs / "killed" / "checkpoints" / f"step_{KILL_AFTER_STEP}.pt"
+    deadline = time.time() + 240
+    while not target.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    alive = killed.poll() is None
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert alive, "the run ended before it could be killed"
+    assert target.exists(), "no mid-epoch checkpoint was written"
+    logged_before_kill = _losses(logs / "killed")
+    _, err = full.communicate(timeout=300)
+    assert full.returncode == 0, err[-3000:]
+    resumed = subprocess.run(_cmd(shards, zs, logs, "killed", "--resume", "latest"), env=_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return {"logs": logs, "full": logs / "full", "killed": logs / "killed", "before_kill": logged_before_kill,
+            "resumed_stderr": resumed.stderr}
+
+
+def test_killed_and_resumed_run_has_the_same_losses(runs):
+    full, resumed = _losses(runs["full"]), _losses(runs["killed"])
+    assert sorted(full) == list(range(1, 13))
+    assert sorted(resumed) == sorted(full)
+    assert KILL_AFTER_STEP <= max(runs["before_kill"]) < 12  # killed mid-run, after the checkpoint
+    for step in full:
+        assert resumed[step] == pytest.approx(full[step], abs=1e-6), (step, resumed[step], full[step])
+    assert full[12] < full[1]  # it learns
+    records = [json.loads(x) for x in (runs["killed"] / "results.jsonl").read_text().splitlines()]
+    resume = [r for r in records if r["type"] == "resume"]
+    assert len(resume) == 1 and resume[0]["checkpoint"].endswith("step_4.pt") and resume[0]["batches_done"] == 4
+    assert "resumed from" in (runs["killed"] / "out.log").read_text()
+
+
+def test_run_folder_contents(runs):
+    run = runs["full"]
+    assert (run / "params.txt").read_text().count("batch_size: 8") == 1
+    assert "epoch 1 done" in (run / "out.log").read_text()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"step_2.pt", "step_4.pt", "epoch_1.pt",
+                                                                 "step_8.pt", "step_10.pt", "epoch_2.pt"}
+    records = [json.loads(x) for x in (run / "results.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["type"] == "train"]
+    assert {"loss", "lr", "logit_scale", "samples_per_second", "data_time"} <= train[0].keys()
+    assert train[0]["lr"] == pytest.approx(1e-3 / 3)
+    assert all(0 <= r["logit_scale"] <= 100 for r in train)
+    zs = [r for r in records if r["type"] == "zeroshot"]
+    val = [r for r in records if r["type"] == "val"]
+    data = [r for r in records if r["type"] == "data"]
+    assert len(zs) == len(val) == len(data) == 2
+    assert 0 <= zs[-1]["acc1"] <= 1 and "mean_per_class_recall" in zs[-1]
+    assert val[-1]["num_samples"] == 8 and "image_retrieval_recall@1" in val[-1]
+    assert data[-1]["samples_undecodable"] == 0
+
+
+def test_exported_weights_load_and_match_the_checkpoint(runs):
+    export = runs["full"] / "final_model"
+    assert (export / "config.json").is_file() and (export / "model.safetensors").is_file()
+    loaded = diffclip.create_model(MODEL, pretrained=str(export))
+    from_ckpt = diffclip.create_model(MODEL, pretrained=str(runs["full"] / "checkpoints" / "epoch_2.pt"))
+    for (k, a), (_, b) in zip(loaded.state_dict().items(), from_ckpt.state_dict().items()):
+        assert torch.equal(a, b), k
+    tok = diffclip.get_tokenizer(MODEL)(["a photo of a coffee", "crop 3 of a photo of a rocket"])
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out_a, out_b = loaded(images, tok), from_ckpt(images, tok)
+    for key in ("image_embed", "text_embed", "logit_scale"):
+        assert torch.equal(out_a[key], out_b[key])
+    # the trained weights differ from a fresh model's
+    fresh = diffclip.create_model(MODEL)
+    assert not torch.equal(fresh.state_dict()["text_projection"], loaded.state_dict()["text_projection"])
