@@ -3,7 +3,7 @@
 Candidates, run side by side in one process with interleaved repetitions (median time reported):
 ours fused (one SDPA call, value width 2d), ours fused split-V (equal widths, flash-capable), ours exact
 (materialised maps), timm's ``DiffAttention`` at the same width, and standard SDPA attention.
-Peak memory is the growth of the resident set of a spawned child that runs one forward+backward
+Peak memory is the growth of the peak resident set (VmHWM) of a spawned child that runs one forward+backward
 (CPU has no allocator statistics; on CUDA ``torch.cuda.max_memory_allocated`` is used instead).
 
     python bench/attention.py [--batch 32] [--reps 7] [--device cpu]
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import multiprocessing as mp
-import resource
 import statistics
 import time
 
@@ -52,9 +51,15 @@ def _child_peak(name, dim, heads, batch, n, causal, device, q):
         step(layer, x, causal)
         q.put((torch.cuda.max_memory_allocated() - base) / 2**20)
         return
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _vm_hwm_kib()
     step(layer, x, causal)
-    q.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+    q.put((_vm_hwm_kib() - base) / 1024)
+
+
+def _vm_hwm_kib() -> int:
+    """Peak resident set of this process image (VmHWM; unlike ru_maxrss it is not inherited across exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
 
 def peak_mib(name, dim, heads, batch, n, causal, device) -> float:
@@ -97,7 +102,7 @@ def main() -> None:
                 times[k].append(time.perf_counter() - t)
         med = {k: statistics.median(v) for k, v in times.items()}
         print(f"\n{title}: B={args.batch}, N={s['n']}, C={s['dim']}, {s['heads']} heads")
-        print(f"| layer | fwd+bwd ms | peak MiB | vs diffclip fused |")
+        print("| layer | fwd+bwd ms | peak MiB | vs diffclip fused |")
         print("|---|---|---|---|")
         for k in layers:
             mem = peak_mib(k, s["dim"], s["heads"], args.batch, s["n"], s["causal"], args.device)

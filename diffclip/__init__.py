@@ -1,9 +1,16 @@
 """diffclip: CLIP-style models with differential attention (DiffCLIP, arXiv 2503.06626)."""
 
-from .attention import Attention, DiffAttention, lambda_init_schedule
-from .factory import create_model, create_model_and_transforms, get_model_config, get_tokenizer, image_transform, list_models
-from .model import DiffCLIP
 from . import vision  # noqa: F401  (registers the diff_vit_* / std_vit_* models with timm)
+from .attention import Attention, DiffAttention, lambda_init_schedule
+from .factory import (
+    create_model,
+    create_model_and_transforms,
+    get_model_config,
+    get_tokenizer,
+    image_transform,
+    list_models,
+)
+from .model import DiffCLIP
 
 __version__ = "0.1.0"
 

@@ -4,6 +4,7 @@ import contextlib
 import csv
 import io
 import json
+import random
 import signal
 import tarfile
 
@@ -155,6 +156,12 @@ def test_epochs_are_deterministic_and_differ(shards):
     d = list(info.dataloader)
     assert _same(a, b) and _same(a, d)
     assert _captions(a) != _captions(c)
+    # the random crops do not depend on (nor disturb) the caller's global RNG streams
+    torch.manual_seed(123)
+    random.seed(5)
+    state = random.getstate()
+    e = list(_loader(_urls(shards), seed=3, epoch=1).dataloader)
+    assert random.getstate() == state and _same(a, e)
 
 
 @pytest.mark.parametrize("workers,batch_size,skip", [(0, 4, 2), (2, 4, 3), (2, 7, 1)])
@@ -164,6 +171,17 @@ def test_skip_batches_gives_the_tail_of_the_epoch(shards, workers, batch_size, s
     assert len(full) == 24 // batch_size
     resumed = list(_loader(_urls(shards), skip_batches=skip, **kw).dataloader)
     assert _same(full[skip:], resumed)  # same samples, same order, same random crops
+
+
+def test_set_epoch_with_persistent_workers(shards):
+    kw = dict(batch_size=4, workers=2, seed=4)
+    reference = list(_loader(_urls(shards), epoch=1, **kw).dataloader)
+    info = _loader(_urls(shards), epoch=0, **kw)
+    first = list(info.dataloader)
+    info.set_epoch(1, skip_batches=2)  # the same worker processes, told through shared memory
+    assert _same(reference[2:], list(info.dataloader)) and not _same(reference, first)
+    with pytest.raises(ValueError, match="skip_batches"):
+        info.set_epoch(2, skip_batches=info.num_batches)
 
 
 def test_resampled_with_upsampling_factors(shards):

@@ -7,11 +7,11 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from hf_server import HubServer
 
 import diffclip
 from diffclip import DiffCLIP, create_model, get_tokenizer
 from diffclip.hub import convert_open_clip_state_dict, load_state_dict, read_state_dict
-from hf_server import HubServer
 
 
 def _outputs(model, name):
