@@ -22,6 +22,9 @@ lint: venv
 test: lint
 	$(PY) -m pytest -q tests
 
+demo: venv
+	scripts/demo.sh
+
 bench: venv
 	$(PY) bench/attention.py
 

@@ -97,7 +97,7 @@ def plot_matrix(matrix: list[list[float]], names_a: list[str], names_b: list[str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(names_b), 0.8 + 0.5 * len(names_a)))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 0.7 * len(names_b)), max(4.0, 1.2 + 0.55 * len(names_a))))
     im = ax.imshow(matrix, cmap="magma", vmin=0, vmax=1, origin="lower")
     ax.set_xticks(range(len(names_b)), names_b, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(names_a)), names_a, fontsize=8)
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     matrix = cka_matrix(grams[0], grams[1])
     (la, lb) = (models[0][2], models[1][2])
-    title = f"linear CKA, {args.dataset} {args.split}, {len(ds)} images, tokens={args.tokens}"
+    title = f"linear CKA per layer\n{args.dataset} {args.split}, {len(ds)} images, tokens={args.tokens}"
     plot_matrix(matrix, names[0], names[1], la, lb, title, args.output)
     diag = [matrix[i][i] for i in range(min(len(matrix), len(matrix[0])))]
     record = {"model_a": args.model_a, "model_b": args.model_b, "label_a": la, "label_b": lb, "dataset": args.dataset,

@@ -130,6 +130,7 @@ def summarise(cfg: dict, results: dict[str, list[dict]]) -> list[dict]:
             "acc1": acc1, "acc1_mean": statistics.fmean(acc1), "acc1_std": statistics.stdev(acc1) if len(acc1) > 1 else 0.0,
             "acc5_mean": statistics.fmean(r["acc5"] for r in rs), "best_acc1_mean": statistics.fmean(r["best_acc1"] for r in rs),
             "time_mean": statistics.fmean(r["wall_time"] for r in rs), "epochs": rs[0]["epochs"],
+            "cpu_time_mean": statistics.fmean(r["cpu_time"] for r in rs) if all(r.get("cpu_time") for r in rs) else None,
             "reference": m.get("reference"),
         })
     return rows
@@ -137,14 +138,16 @@ def summarise(cfg: dict, results: dict[str, list[dict]]) -> list[dict]:
 
 def markdown_table(rows: list[dict]) -> str:
     has_ref = any(r["reference"] is not None for r in rows)
-    head = ["model", "attention", "twin", "params", "top-1 % (mean ± std)", "top-5 %", "per seed", "epochs", "time / run"]
+    head = ["model", "attention", "twin", "params", "top-1 % (mean ± std)", "top-5 %", "per seed", "epochs", "time / run",
+            "CPU time / run"]
     if has_ref:
         head.insert(5, "seed project")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["label"], r["attn"], r["twin"] or "", f"{r['params']:,}", f"{r['acc1_mean']:.2f} ± {r['acc1_std']:.2f}",
                  f"{r['acc5_mean']:.2f}", " / ".join(f"{a:.2f}" for a in r["acc1"]), str(r["epochs"]),
-                 f"{r['time_mean'] / 60:.1f} min"]
+                 f"{r['time_mean'] / 60:.1f} min",
+                 f"{r['cpu_time_mean'] / 60:.1f} min" if r.get("cpu_time_mean") else "n/a"]
         if has_ref:
             cells.insert(5, f"{r['reference']:.2f}" if r["reference"] is not None else "")
         lines.append("| " + " | ".join(cells) + " |")

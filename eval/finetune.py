@@ -421,7 +421,7 @@ def run(args: argparse.Namespace) -> dict:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    t_start = time.time()
+    t_start, cpu_start = time.time(), time.process_time()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -475,12 +475,13 @@ def run(args: argparse.Namespace) -> dict:
     scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=args.epochs, min_lr=args.min_lr,
                                        warmup_lr=args.lr * 1e-3, warmup_epochs=args.warmup_epochs,
                                        step_on_epochs=False, updates_per_epoch=steps)
-    start_epoch, best_acc1, num_updates, prev_wall = 0, -1.0, 0, 0.0
+    start_epoch, best_acc1, num_updates, prev_wall, prev_cpu = 0, -1.0, 0, 0.0, 0.0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, best_acc1 = ckpt["epoch"] + 1, ckpt["best_acc1"]
         num_updates, prev_wall = ckpt["num_updates"], ckpt.get("wall_time", 0.0)
+        prev_cpu = ckpt.get("cpu_time", 0.0)
         print(f"resuming {out / 'last.pt'} after epoch {ckpt['epoch'] + 1}", file=sys.stderr)
     print(f"{args.model}: {n_params:,} parameters, {len(train_ds):,} train / {len(eval_ds):,} eval images, "
           f"{num_classes} classes, {args.epochs} epochs", file=sys.stderr)
@@ -532,9 +533,11 @@ def run(args: argparse.Namespace) -> dict:
             is_best = metrics["acc1"] > best_acc1
             best_acc1 = max(best_acc1, metrics["acc1"])
             wall = prev_wall + time.time() - t_start
+            cpu = prev_cpu + time.process_time() - cpu_start
             rec = {"epoch": epoch + 1, "train_loss": tot / seen, "lr": max(g["lr"] for g in optimizer.param_groups),
                    "eval_loss": metrics["loss"], "acc1": metrics["acc1"], "acc5": metrics["acc5"],
-                   "best_acc1": best_acc1, "epoch_time": time.time() - t0, "train_time": train_time, "wall_time": wall}
+                   "best_acc1": best_acc1, "epoch_time": time.time() - t0, "train_time": train_time, "wall_time": wall,
+                   "cpu_time": cpu}
             log.write(json.dumps(rec) + "\n")
             log.flush()
             for key in ("train_loss", "eval_loss", "acc1", "acc5", "lr"):
@@ -542,7 +545,8 @@ def run(args: argparse.Namespace) -> dict:
             print(f"epoch {epoch + 1}/{args.epochs}: train_loss {rec['train_loss']:.4f} eval_loss {metrics['loss']:.4f} "
                   f"acc1 {metrics['acc1']:.2f} acc5 {metrics['acc5']:.2f} ({rec['epoch_time']:.1f}s)", file=sys.stderr)
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "best_acc1": best_acc1, "num_updates": num_updates, "wall_time": wall, "args": vars(args),
+                     "best_acc1": best_acc1, "num_updates": num_updates, "wall_time": wall, "cpu_time": cpu,
+                     "args": vars(args),
                      "num_classes": num_classes, "classnames": [str(c) for c in train_ds.classnames],
                      "data_cfg": {k: list(v) if isinstance(v, tuple) else v for k, v in data_cfg.items()},
                      "metrics": metrics}
@@ -557,16 +561,17 @@ def run(args: argparse.Namespace) -> dict:
         metrics = ckpt["metrics"]
     results = {"model": args.model, "init": args.init, "dataset": args.dataset, "acc1": metrics["acc1"],
                "acc5": metrics["acc5"], "eval_loss": metrics["loss"], "best_acc1": best_acc1, "params": n_params,
-               "epochs": args.epochs, "seed": args.seed, "wall_time": prev_wall + time.time() - t_start if ckpt is None
-               else _last_wall(out), "train_images": len(train_ds), "eval_images": len(eval_ds),
+               "epochs": args.epochs, "seed": args.seed, "wall_time": _last_log(out).get("wall_time", 0.0),
+               "cpu_time": _last_log(out).get("cpu_time"), "train_images": len(train_ds), "eval_images": len(eval_ds),
                "num_classes": num_classes, "args": vars(args)}
     _write_json(results, out / "results.json")
     return results
 
 
-def _last_wall(out: Path) -> float:
+def _last_log(out: Path) -> dict:
+    """The last epoch record of log.jsonl (wall and CPU time of the whole run, resumes included)."""
     lines = (out / "log.jsonl").read_text().splitlines()
-    return json.loads(lines[-1])["wall_time"] if lines else 0.0
+    return json.loads(lines[-1]) if lines else {}
 
 
 # ---------------------------------------------------------------------------------------------------- reuse
@@ -610,7 +615,7 @@ def load_vit(spec: str, device: str = "cpu") -> tuple[nn.Module, dict, str]:
     name, _, pretrained = spec.partition("@")
     if Path(spec).is_file():
         model, ckpt = load_classifier(spec, device)
-        return model, ckpt["data_cfg"], f"{ckpt['args']['model']} ({Path(spec).parent.name})"
+        return model, ckpt["data_cfg"], f"{ckpt['args']['model']} ({'/'.join(Path(spec).resolve().parts[-3:-1])})"
     if name in diffclip.list_models() or name.startswith("hf-hub:"):
         try:
             clip = diffclip.create_model(name, pretrained=pretrained or None)

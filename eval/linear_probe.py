@@ -98,7 +98,7 @@ def features(model, preprocess, dataset_name: str, root, split: str, *, model_na
         key = cache_key(model=model_name, pretrained=pretrained_fingerprint(pretrained), dataset=dataset.name,
                         split=split, root=str(readers.resolve_root(dataset_name, root).resolve()),
                         n=len(dataset), max_samples=max_samples, precision=precision, preprocess=repr(preprocess))
-        path = Path(cache_dir).expanduser() / f"{dataset.name}_{split}_{key}.npz"
+        path = Path(cache_dir).expanduser() / f"{dataset.name.replace('/', '_')}_{split}_{key}.npz"
         if path.is_file():
             with np.load(path, allow_pickle=False) as z:
                 log.info("features of %s/%s from cache %s", dataset.name, split, path)

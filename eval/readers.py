@@ -27,6 +27,7 @@ import io
 import json
 import os
 import pkgutil
+import re
 import struct
 import tarfile
 from collections.abc import Callable, Sequence
@@ -469,7 +470,9 @@ def _build(name, root, split, transform, task, **options):
         _override_prompts(ds, spec.name, classnames, templates)
         if not ds.classnames:
             raise ValueError(f"dataset {spec.name!r} at {path} has an empty class list")
-        ds.name, ds.split = spec.name, split
+    # results name the dataset by its registry name; CLIP_benchmark-style "wds/<name>" keeps the given name
+    ds.name = name.strip() if spec.name == "wds" and "/" in name else spec.name
+    ds.split = split
     return ds
 
 
@@ -959,12 +962,28 @@ def _emoji_classification(root, split, transform, style, label="category"):
                             background=(255, 255, 255))
 
 
+def _words(text: str) -> str:
+    return re.sub(r"\s+", " ", text.replace("_", " ")).strip().lower()
+
+
 def emoji_captions(entry: dict) -> list[str]:
-    """The captions of one emoji: ``"an emoji of <name>"`` (name lower-cased), then ``"an emoji of <short name>"``
-    for each short name (``_`` and ``-`` read as spaces) that differs from the name; duplicates dropped."""
-    out = [f"an emoji of {entry['name'].lower()}"]
-    for s in entry.get("short_names", []):
-        cap = f"an emoji of {s.replace('_', ' ').replace('-', ' ').lower()}"
+    """The captions of one emoji (one image per emoji, the base image without skin-tone variants):
+
+    1. ``"an emoji of <name>"``: the catalogue name, lower case, ``_`` read as a space (the training demo's
+       captions on Noto emoji use the same name, e.g. "an emoji of grinning face");
+    2. ``"an emoji of <short name>"`` for each short name with ``_`` / ``-`` read as spaces, kept when it has a
+       run of 3+ letters, differs from the name and is not a code (``flag-eg``, ``u5272``, ``+1`` are left out).
+
+    Duplicates are dropped, order kept.
+    """
+    name = _words(entry["name"])
+    out = [f"an emoji of {name}"]
+    for s in entry.get("short_names") or []:
+        alias = _words(s.replace("-", " "))
+        if not re.search(r"[a-z]{3}", alias) or alias == name or alias.startswith("flag ") \
+                or re.fullmatch(r"u[0-9a-f]{4,5}", alias):
+            continue
+        cap = f"an emoji of {alias}"
         if cap not in out:
             out.append(cap)
     return out

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     options = {"annotations": args.annotations} if args.annotations else {}
     dataset = readers.build_retrieval_dataset(args.dataset, args.data_root, args.split, None, **options)
-    name = readers.dataset_spec(args.dataset, "retrieval").name
+    name = dataset.name
     model, preprocess, tokenizer = load_model(args.model, args.pretrained, device, args.precision)
     dataset = limit(readers.set_transform(dataset, model_transform(preprocess, args.precision)), args.max_samples)
     log.info("retrieval %s: %d images, %d captions, with %s", name, len(dataset),

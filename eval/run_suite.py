@@ -102,8 +102,7 @@ def run_task(task: str, name: str, model, preprocess, tokenizer, *, model_name: 
         ds = limit(readers.set_transform(ds, model_transform(preprocess, args.precision)), args.max_samples)
         metrics = retrieval.evaluate(model, tokenizer, ds, device=device, precision=args.precision,
                                      batch_size=args.batch_size, workers=args.workers, progress=progress)
-        return result_record(readers.dataset_spec(name, "retrieval").name, model_name, pretrained, retrieval.TASK,
-                             metrics)
+        return result_record(ds.name, model_name, pretrained, retrieval.TASK, metrics)
     if task in ("linear_probe", "fewshot"):
         return linear_probe.evaluate_dataset(
             model, preprocess, name, root, model_name=model_name, pretrained=pretrained, device=device,

@@ -109,8 +109,10 @@ def plot(image, rows: list[dict], lams: list[float | None], title: str, path: st
     img = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else image
     size = img.shape[:2]
     n = len(rows)
-    fig = plt.figure(figsize=(10, 2.4 * n + 2.2))
-    gs = fig.add_gridspec(n + 1, 4, height_ratios=[1] * n + [0.8], hspace=0.45, wspace=0.08)
+    height = 2.4 * n + 2.2
+    fig = plt.figure(figsize=(10, height))
+    gs = fig.add_gridspec(n + 1, 4, height_ratios=[1] * n + [0.8], hspace=0.45, wspace=0.08,
+                          top=1 - 0.6 / height, bottom=0.4 / height)
     for r, row in enumerate(rows):
         ax = fig.add_subplot(gs[r, 0])
         ax.imshow(img)
@@ -144,7 +146,7 @@ def plot(image, rows: list[dict], lams: list[float | None], title: str, path: st
     ax.set_xticks(xs)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, y=1 - 0.15 / height)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -239,19 +239,20 @@ def test_truncated_tar_and_undecodable_image_are_skipped_and_counted(tmp_path):
     assert train.stats.shards_failed >= 1 and train.stats.samples_undecodable >= 1
 
 
-def test_shards_without_captions_fail_fast_naming_the_keys(tmp_path):
-    folder = tmp_path / "cls"
+@pytest.mark.parametrize("fields,workers", [(("jpg", "cls"), 0), (("jpg", "cls"), 2), (("json",), 0)])
+def test_shards_without_captions_fail_fast_naming_the_keys(tmp_path, fields, workers):
+    folder = tmp_path / "nocaption"
     folder.mkdir()
     buf = io.BytesIO()
     Image.fromarray(skimage.data.coffee()).resize((32, 32)).save(buf, format="JPEG")
-    with wds.ShardWriter(str(folder / "%05d.tar"), maxcount=3, verbose=0) as sw:
+    values = {"jpg": buf.getvalue(), "cls": b"1", "json": b'{"caption": "in the wrong file"}'}
+    with wds.ShardWriter(str(folder / "%05d.tar"), maxcount=3, verbose=0, encoder=False) as sw:
         for i in range(12):
-            sw.write({"__key__": f"{i:06d}", "jpg": buf.getvalue(), "cls": i % 3})
-    urls = _urls(folder)
-    for workers in (0, 2):
-        with deadline(60), pytest.raises(Exception, match=r"no sample in shard .* has both an image .* and a "
-                                                          r"caption \(txt\); keys found: cls, jpg"):
-            list(_loader(urls, workers=workers, num_samples=12).dataloader)
+            sw.write({"__key__": f"{i:06d}", **{f: values[f] for f in fields}})
+    expected = (r"no sample in shard .*/\d{5}\.tar has both an image \(jpg/jpeg/png/webp\) and a caption \(txt\); "
+                r"keys found: " + ", ".join(sorted(fields)))
+    with deadline(60), pytest.raises(Exception, match=expected):
+        list(_loader(_urls(folder), workers=workers, num_samples=12, seed=0, epoch=0).dataloader)
 
 
 def test_bad_arguments_fail_with_clear_errors(shards):

@@ -8,14 +8,15 @@ writes such shards). The pipeline is built from webdataset's pieces::
     -> wds.tarfile_to_samples (corrupt tar: skipped, logged, counted)
     -> sample check (image + caption; a shard with none fails fast, naming the keys it has)
     -> wds.shuffle (buffer seeded by seed, epoch, rank and worker)
-    -> wds.decode("pil") (undecodable image: skipped, logged, counted) -> wds.to_tuple
+    -> wds.decode (PIL RGB; undecodable image: skipped, logged, counted) -> wds.to_tuple
     -> skip to the resume position -> transform + tokenise (augmentation seeded per sample) -> wds.batched
     -> a fixed number of batches per worker
 
 Determinism and resume: for a given seed and epoch, every rank sees a fixed sequence of batches whatever the
 timing. Each DataLoader worker plays a fixed *role* (which shards it reads, which batches of the rank's sequence
-it produces: batch ``g`` comes from role ``g % workers``), and the random crop of each sample is drawn from a
-generator seeded by (seed, epoch, rank, role, position), not from the process's global RNG. ``skip_batches=k``
+it produces: batch ``g`` comes from role ``g % workers``), and the global torch and Python RNGs are re-seeded by
+(seed, epoch, rank, role, position) for each sample's random crop (and restored after it when the loader runs in
+the caller's process), so augmentation depends neither on timing nor on the caller's RNG. ``skip_batches=k``
 rotates the roles so that the loader's first batch is batch ``k``, and each role skips its share of the first
 ``k`` batches *before* the transform (images are still decoded, so that an undecodable image shifts nothing),
 which makes the batches after a mid-epoch resume identical to those of the uninterrupted run.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import io
 import itertools
 import json
 import logging
@@ -42,6 +44,7 @@ from typing import Any
 import braceexpand
 import torch
 import webdataset as wds
+from PIL import Image
 from torch.utils.data import get_worker_info
 
 __all__ = ["IMAGE_EXTENSIONS", "CAPTION_EXTENSION", "expand_urls", "get_dataset_size", "SkipStats", "DataInfo",
@@ -230,7 +233,6 @@ class _Progress:
     """Per-process bookkeeping shared by the stages of one iteration (the source, the check, the handlers)."""
 
     url: str | None = None
-    shard_samples: int = 0
     shard_good: int = 0
     shard_failed: bool = False
     shard_keys: set = field(default_factory=set)
@@ -238,7 +240,7 @@ class _Progress:
     pass_index: int = 0
 
     def start_shard(self, url: str) -> None:
-        self.url, self.shard_samples, self.shard_good, self.shard_failed = url, 0, 0, False
+        self.url, self.shard_good, self.shard_failed = url, 0, False
         self.shard_keys = set()
 
 
@@ -292,8 +294,8 @@ class _Plan:
 
 
 def _check_shard(progress: _Progress) -> None:
-    """Called by the shard source once a shard has been read: samples but none usable is a dataset error."""
-    if progress.url is not None and progress.shard_samples and not progress.shard_good and not progress.shard_failed:
+    """Called by the shard source once a shard has been read: files but no usable sample is a dataset error."""
+    if progress.url is not None and progress.shard_keys and not progress.shard_good and not progress.shard_failed:
         raise ValueError(f"no sample in shard {progress.url} has both an image ({'/'.join(IMAGE_EXTENSIONS)}) and "
                          f"a caption ({CAPTION_EXTENSION}); keys found: {', '.join(sorted(progress.shard_keys))}")
 
@@ -371,7 +373,6 @@ class _CheckSamples(wds.PipelineStage):
     def run(self, src):
         progress, stats = self.plan.progress, self.plan.stats
         for sample in src:
-            progress.shard_samples += 1
             image_key = next((k for k in IMAGE_EXTENSIONS if k in sample), None)
             if image_key is None or CAPTION_EXTENSION not in sample:
                 stats.add("samples_incomplete")
@@ -454,6 +455,17 @@ class _Budget(wds.PipelineStage):
             yield batch
             if i + 1 >= remaining:
                 return
+
+
+def _decode_image(key: str, data: bytes):
+    """wds.decode handler: image extensions -> PIL RGB image (decoded in full, so a broken file fails here);
+    like ``wds.decode("pil")`` with one conversion instead of two."""
+    if key.rsplit(".", 1)[-1].lower() not in IMAGE_EXTENSIONS:
+        return None
+    with io.BytesIO(data) as stream:
+        image = Image.open(stream)
+        image.load()
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _collate(samples):
@@ -560,7 +572,7 @@ def get_wds_loader(urls, preprocess, tokenizer, *, batch_size: int, num_samples:
     if is_train:
         stages.append(_Shuffle(plan, initial=max(1, shuffle_buffer // 4)))
     stages += [
-        wds.decode("pil", handler=plan.on_sample_error),
+        wds.decode(_decode_image, handler=plan.on_sample_error),
         wds.to_tuple(";".join(IMAGE_EXTENSIONS), CAPTION_EXTENSION),
         _Prepare(plan),
         wds.batched(batch_size, collation_fn=_collate, partial=not is_train),

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import diffclip
 from diffclip.loss import ClipLoss, SigLipLoss
-from training.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from training.checkpoint import find_latest, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.distributed import DistInfo, barrier, cleanup, init_distributed
 from training.params import parse_args
 from training.train import (
@@ -331,6 +331,7 @@ def run(args) -> int:
                 for k, v in stats.items():
                     tb_writer.add_scalar(f"data/{k}", v, state.step)
         done = epoch + 1
+        rng_before_eval = rng_state()  # evaluation loaders draw from the global RNGs: keep training's streams
         if info.is_master:
             plain = unwrap_model(ddp_model)
             if zs is not None and args.zeroshot_frequency and (done % args.zeroshot_frequency == 0
@@ -347,11 +348,12 @@ def run(args) -> int:
             if make_val is not None and args.val_frequency and (done % args.val_frequency == 0
                                                                 or done == args.epochs):
                 metrics = evaluate_val(plain, val_loss_fn, make_val(), info.device, eval_autocast, input_dtype)
-                log.info("epoch %d validation: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                log.info("epoch %d validation: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
                 write_result({"type": "val", "epoch": epoch, "step": state.step, **metrics})
                 if tb_writer is not None:
                     for k, v in metrics.items():
                         tb_writer.add_scalar(f"val/{k}", v, state.step)
+        set_rng_state(rng_before_eval)
         barrier(info)
         if will_save_epoch(epoch):
             save(ckpt_dir / f"epoch_{done}.pt", 0, epoch=done)

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
 
     g = p.add_argument_group("run, checkpoints and logging")
-    g.add_argument("--logs", default="./logs", help="root of the run folders")
+    g.add_argument("--logs", "--logs-dir", dest="logs", default="./logs", help="root of the run folders (under "
+                   "torchrun write --logs-dir: torchrun's parser takes --logs for an abbreviation of its --logs-specs)")
     g.add_argument("--name", default=None, help="run folder name under --logs (default: date, model, lr, batch)")
     g.add_argument("--resume", default=None, help="a checkpoint file, or 'latest' (the newest in the run folder)")
     g.add_argument("--save-frequency", type=_nonneg_int, default=1, help="checkpoint every n epochs (0: never)")
