@@ -40,9 +40,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 __all__ = ["DatasetNotFoundError", "DatasetSpec", "ImageListDataset", "IdxDataset", "TarShardDataset",
-           "RetrievalDataset", "LabeledDataset", "list_datasets", "set_transform", "dataset_spec", "canonical_name", "resolve_root",
-           "build_dataset", "build_retrieval_dataset", "load_image", "read_lines", "read_idx",
-           "IMAGENET_TEMPLATES", "GENERIC_TEMPLATES", "EMOJI_TEMPLATES", "emoji_captions"]
+           "RetrievalDataset", "LabeledDataset", "list_datasets", "set_transform", "dataset_spec", "canonical_name",
+           "resolve_root", "build_dataset", "build_retrieval_dataset", "load_image", "read_lines", "read_idx",
+           "imagenet_templates", "imagenet_wnids", "imagenet_classnames", "GENERIC_TEMPLATES", "EMOJI_TEMPLATES",
+           "emoji_captions"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
 
@@ -56,12 +57,19 @@ class DatasetNotFoundError(FileNotFoundError):
 # the CLIP paper (Radford et al. 2021, "prompts.md" of the CLIP repository), written out here.
 # ---------------------------------------------------------------------------------------------------------------
 
-def _openai_imagenet_templates() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def imagenet_templates() -> list[str]:
+    """OpenAI's 80 ImageNet prompt templates (open_clip's ``OPENAI_IMAGENET_TEMPLATES``) as ``{}`` strings."""
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
     return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
 
 
-IMAGENET_TEMPLATES: list[str] = _openai_imagenet_templates()
+def __getattr__(name: str):  # IMAGENET_TEMPLATES is loaded on first use (open_clip is slow to import)
+    if name == "IMAGENET_TEMPLATES":
+        return list(imagenet_templates())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 GENERIC_TEMPLATES = ["a photo of a {}.", "a photo of the {}.", "a bad photo of a {}.", "a good photo of a {}.",
                      "a photo of a small {}.", "a photo of a big {}.", "itap of a {}."]
 _CIFAR_TEMPLATES = [f"{p} {{}}." for art in ("a", "the") for p in (
@@ -544,7 +552,7 @@ def _imagenet1k(root, split, transform):
     wnids = imagenet_wnids()
     index = {w: i for i, w in enumerate(wnids)}
     samples = _wnid_folder_samples(_split_folder(root, split), "imagenet1k", _IMAGENET_LAYOUT, wnids)
-    return ImageListDataset([(p, index[w]) for p, w in samples], imagenet_classnames(), IMAGENET_TEMPLATES, transform)
+    return ImageListDataset([(p, index[w]) for p, w in samples], imagenet_classnames(), imagenet_templates(), transform)
 
 
 _SKETCH_LAYOUT = "<root>/[sketch/]<wnid>/*.JPEG with the 1000 ImageNet-1k wnid folders"
@@ -558,7 +566,7 @@ def _imagenet_sketch(root, split, transform):
     index = {w: i for i, w in enumerate(wnids)}
     folder = root / "sketch" if (root / "sketch").is_dir() else root
     samples = _wnid_folder_samples(folder, "imagenet-sketch", _SKETCH_LAYOUT, wnids)
-    return ImageListDataset([(p, index[w]) for p, w in samples], imagenet_classnames(), IMAGENET_TEMPLATES, transform)
+    return ImageListDataset([(p, index[w]) for p, w in samples], imagenet_classnames(), imagenet_templates(), transform)
 
 
 _V2_LAYOUT = ("<root>/<0..999>/*.jpeg (imagenetv2-matched-frequency-format-val: one folder per class named by "
@@ -575,7 +583,7 @@ def _imagenet_v2(root, split, transform):
         raise DatasetNotFoundError(f"dataset 'imagenet-v2': {root} is not in the expected layout; "
                                    f"expected layout: {_V2_LAYOUT}")
     samples = [(p, int(d.name)) for d in sorted(dirs, key=lambda d: int(d.name)) for p in _list_images(d)]
-    return ImageListDataset(samples, imagenet_classnames(), IMAGENET_TEMPLATES, transform)
+    return ImageListDataset(samples, imagenet_classnames(), imagenet_templates(), transform)
 
 
 def _imagenet_subset(root, transform, name, synset_file, layout):
@@ -586,7 +594,7 @@ def _imagenet_subset(root, transform, name, synset_file, layout):
     samples = _wnid_folder_samples(root, name, layout, subset)
     names = imagenet_classnames()
     return ImageListDataset([(p, local[w]) for p, w in samples], [names[i] for i in class_index],
-                            IMAGENET_TEMPLATES, transform, class_index=class_index)
+                            imagenet_templates(), transform, class_index=class_index)
 
 
 _A_LAYOUT = "<root>/<wnid>/*.jpg with the 200 ImageNet-A wnid folders (imagenet-a.tar)"
@@ -625,7 +633,7 @@ def _objectnet(root, split, transform):
     for folder, lab in sorted(folder_to_label.items()):
         if lab in local and (images / folder).is_dir():
             samples += [(p, local[lab]) for p in _list_images(images / folder)]
-    return ImageListDataset(samples, [lab.lower() for lab in labels], IMAGENET_TEMPLATES, transform, crop_border=1)
+    return ImageListDataset(samples, [lab.lower() for lab in labels], imagenet_templates(), transform, crop_border=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -901,7 +909,9 @@ def _sun397(root, split, transform, download=False):
     """SUN397 (torchvision reader; split: the official partition 1 when Training_01.txt / Testing_01.txt are
     in ``<root>/SUN397`` or ``<root>``, else 50 images per class for train, the rest test, seed 0)."""
     from torchvision.datasets import SUN397
-    ds = _torchvision("sun397", "<root>/SUN397/", lambda: SUN397(str(root), transform=None, download=download))
+    ds = _torchvision("sun397", "<root>/SUN397/", lambda: SUN397(str(root), download=download))
+    # torchvision lists the files in directory order: sort them so the order (and the split) is the same everywhere
+    ds._image_files, ds._labels = map(list, zip(*sorted(zip(ds._image_files, ds._labels), key=lambda p: str(p[0]))))
     part = "Training_01.txt" if split == "train" else "Testing_01.txt"
     part_file = next((p for p in (root / "SUN397" / part, root / part) if p.is_file()), None)
     if part_file is not None:

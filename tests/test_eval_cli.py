@@ -7,6 +7,7 @@ a CSV of digit images for retrieval; a small emoji package in the real layout fo
 import csv
 import gzip
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -59,7 +60,7 @@ def digits_csv(tmp_path_factory) -> Path:
     with open(root / "captions.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["filepath", "caption"])
-        for i in range(12):
+        for i in range(8):
             Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8)).resize((32, 32)).save(root / "img" / f"{i}.png")
             w.writerow([f"img/{i}.png", f"a photo of the number: {words[d.target[i]]}"])
             w.writerow([f"img/{i}.png", f"handwritten digit {d.target[i]}"])
@@ -67,8 +68,10 @@ def digits_csv(tmp_path_factory) -> Path:
 
 
 def _start(script: str, *args: str) -> subprocess.Popen:
+    # one thread each: the three programs run at once on a small machine
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([PY, str(REPO / "eval" / script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=REPO)
+                            text=True, cwd=REPO, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +228,7 @@ def test_run_suite_local_two_models(idx_root, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run_cli(run_suite.main, ["--model", MODEL, "--pretrained", "none", "--model", "CLIP-Tiny-64",
                                  "--pretrained", "none", "--suite", "local", "--root", f"fashion-mnist={idx_root}",
-                                 "--data-root", str(tmp_path / "sources"), "--max-samples", "12", "--workers", "0",
+                                 "--data-root", str(tmp_path / "sources"), "--max-samples", "6", "--workers", "0",
                                  "--no-progress", "--no-cache", "--output-dir", str(tmp_path / "out")])
     assert e.value.code == 0
     table = json.loads((tmp_path / "out" / "suite_local.json").read_text())
