@@ -200,12 +200,13 @@ def emoji_caption(entry: dict, skin: str | None = None, seed: int = 0, templates
     """A caption for an emoji: one of ``templates`` chosen by ``seed``, filled with its name, an alias and group.
 
     The alias is a short name that says something the name does not (``+1`` and codes like ``flag-eg`` are left
-    out); templates that need an alias are not chosen when there is none.
+    out, as are codepoint names like ``u5272``); templates that need an alias are not chosen when there is none.
     """
     name = emoji_name(entry, skin)
     base = _clean_words(entry["name"]).lower()
     aliases = [_clean_words(s.replace("-", " ")).lower() for s in entry.get("short_names") or []]
-    aliases = [a for a in aliases if re.search(r"[a-z]{3}", a) and a != base and not a.startswith(("flag ", "u"))]
+    aliases = [a for a in aliases if re.search(r"[a-z]{3}", a) and a != base and not a.startswith("flag ")
+               and not re.fullmatch(r"u[0-9a-f]{4,5}", a)]
     group = _clean_words((entry.get("subcategory") or "").replace("-", " ")).lower()
     usable = [t for t in templates if ("{alias}" not in t or aliases) and ("{group}" not in t or group)]
     rng = random.Random(seed)
