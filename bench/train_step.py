@@ -10,7 +10,7 @@ Models, built in one process and timed with interleaved repetitions (median repo
 A step is the one ``training/main.py`` takes: the model's image and text embeddings, L2-normalised, the CLIP
 loss (:class:`diffclip.loss.ClipLoss`), ``backward``, ``AdamW.step`` (weight decay groups of
 :func:`training.train.param_groups` for ours, all parameters for open_clip's). Peak memory is the growth of the
-resident set of a forked child that builds the model and optimizer and runs one step (AdamW state included:
+resident set of a spawned child that builds the model and optimizer and runs one step (AdamW state included:
 CPU has no allocator statistics; on CUDA ``torch.cuda.max_memory_allocated`` is used instead).
 
     nice python bench/train_step.py [--batch-b16 4] [--batch-tiny 32] [--reps 5] [--device cpu] [--skip-b16]
@@ -96,7 +96,7 @@ def _child_peak(suite: str, name: str, batch: int, device: str, q) -> None:
 
 
 def peak_mib(suite: str, name: str, batch: int, device: str) -> float:
-    ctx = mp.get_context("fork" if device == "cpu" else "spawn")
+    ctx = mp.get_context("spawn")  # a forked child of a process that ran OpenMP work can hang
     q = ctx.Queue()
     p = ctx.Process(target=_child_peak, args=(suite, name, batch, device, q))
     p.start()

@@ -477,8 +477,12 @@ def run(args: argparse.Namespace) -> dict:
                                        step_on_epochs=False, updates_per_epoch=steps)
     start_epoch, best_acc1, num_updates, prev_wall, prev_cpu = 0, -1.0, 0, 0.0, 0.0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError):
+            raise UsageError(f"--resume: {out / 'last.pt'} was written for another model or optimizer "
+                             f"({ckpt.get('args', {}).get('model')}); use a new --output") from None
         start_epoch, best_acc1 = ckpt["epoch"] + 1, ckpt["best_acc1"]
         num_updates, prev_wall = ckpt["num_updates"], ckpt.get("wall_time", 0.0)
         prev_cpu = ckpt.get("cpu_time", 0.0)
@@ -636,6 +640,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"finetune.py: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # e.g. a diverging loss
+        print(f"finetune.py: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
     print(json.dumps({k: v for k, v in results.items() if k != "args"}, indent=2))
     return 0
 

@@ -111,7 +111,7 @@ def plot(image, rows: list[dict], lams: list[float | None], title: str, path: st
     n = len(rows)
     height = 2.4 * n + 2.2
     fig = plt.figure(figsize=(10, height))
-    gs = fig.add_gridspec(n + 1, 4, height_ratios=[1] * n + [0.8], hspace=0.45, wspace=0.08,
+    gs = fig.add_gridspec(n + 1, 4, height_ratios=[1] * n + [0.8], hspace=0.45, wspace=0.4,
                           top=1 - 0.6 / height, bottom=0.4 / height)
     for r, row in enumerate(rows):
         ax = fig.add_subplot(gs[r, 0])

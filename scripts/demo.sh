@@ -7,8 +7,8 @@
 #   3. shards in the img2dataset layout from the Noto set (training/make_shards.py), 64 px, 5% held out;
 #   4. training: torchrun --nproc_per_node 2 training/main.py (DiffCLIP-Tiny-64, CPU, gloo);
 #   5. evaluation on the Twitter emoji: the same emoji drawn by another artist, never seen in training:
-#      zero-shot classification into the 9 emoji categories (eval/zeroshot.py) and caption <-> image
-#      retrieval over the 1,906 base emoji (eval/retrieval.py).
+#      zero-shot classification into the 98 emoji subcategories and the 9 categories (eval/zeroshot.py)
+#      and caption <-> image retrieval over the 1,906 base emoji (eval/retrieval.py).
 #
 # Everything goes to $DEMO_OUT (default demo_out/). Re-running continues an interrupted training
 # (--resume latest) and re-evaluates; `rm -rf demo_out` starts over. Knobs (environment): DEMO_EPOCHS,
@@ -56,13 +56,14 @@ export OMP_NUM_THREADS=1
 stamp "5/5 evaluation on the held-out Twitter emoji"
 mkdir -p "$OUT/results"
 export OMP_NUM_THREADS=2
-"$PY" eval/zeroshot.py --model "$MODEL" --pretrained "$RUN/final_model" --dataset emoji-twitter \
-    --data-root "$SOURCES" --split all --workers 1 --no-progress --output "$OUT/results/zeroshot_emoji_twitter.json" \
-    > /dev/null
+EVAL_ARGS=(--model "$MODEL" --pretrained "$RUN/final_model" --data-root "$SOURCES" --split all --workers 2
+           --batch-size 256 --no-progress)
+for ds in emoji-twitter-subcategory emoji-twitter; do
+    "$PY" eval/zeroshot.py "${EVAL_ARGS[@]}" --dataset "$ds" --output "$OUT/results/zeroshot_${ds//-/_}.json" >/dev/null
+done
 if [ -f eval/retrieval.py ]; then
-    "$PY" eval/retrieval.py --model "$MODEL" --pretrained "$RUN/final_model" --dataset emoji-twitter \
-        --data-root "$SOURCES" --split all --workers 1 --no-progress \
-        --output "$OUT/results/retrieval_emoji_twitter.json" > /dev/null
+    "$PY" eval/retrieval.py "${EVAL_ARGS[@]}" --dataset emoji-twitter \
+        --output "$OUT/results/retrieval_emoji_twitter.json" >/dev/null
 fi
 
 ELAPSED=$(( $(date +%s) - START ))
@@ -83,11 +84,14 @@ if val:
     v = val[-1]
     print(f"held-out Noto captions ({v['num_samples']} pairs): val loss {v['val_loss']:.3f}, image R@1 "
           f"{100 * v['image_retrieval_recall@1']:.1f}% (chance {100 / v['num_samples']:.1f}%)")
-zs_path = out / "results" / "zeroshot_emoji_twitter.json"
-if zs_path.is_file():
-    m = json.loads(zs_path.read_text())["metrics"]
-    print(f"zero-shot, Twitter emoji -> 9 categories: top-1 {100 * m['acc1']:.1f}%, top-5 {100 * m['acc5']:.1f}%, "
-          f"mean per-class recall {100 * m['mean_per_class_recall']:.1f}% (chance: 11.1%, 55.6%, 11.1%)")
+for name, title, n_cls in (("zeroshot_emoji_twitter_subcategory", "98 subcategories", 98),
+                            ("zeroshot_emoji_twitter", "9 categories", 9)):
+    path = out / "results" / f"{name}.json"
+    if path.is_file():
+        m = json.loads(path.read_text())["metrics"]
+        print(f"zero-shot, Twitter emoji -> {title}: top-1 {100 * m['acc1']:.1f}%, top-5 {100 * m['acc5']:.1f}%, "
+              f"mean per-class recall {100 * m['mean_per_class_recall']:.1f}% (uniform chance: top-1 "
+              f"{100 / n_cls:.1f}%, top-5 {500 / n_cls:.1f}%)")
 ret_path = out / "results" / "retrieval_emoji_twitter.json"
 if ret_path.is_file():
     m = json.loads(ret_path.read_text())["metrics"]

@@ -66,6 +66,11 @@ def test_one_epoch_end_to_end_then_resume(digits_folder, tmp_path):
     res2 = json.loads((out / "results.json").read_text())
     assert res2["epochs"] == 2 and res2["acc1"] > 25.0
 
+    # resuming into a run folder of another model is refused in one line
+    other = _argv(digits_folder, out, 3)
+    other[other.index("--embed-dim") + 1] = "48"
+    assert main(other + ["--resume"]) == 2
+
 
 def test_init_from_diffclip_tower_copies_weights(tmp_path):
     import diffclip

@@ -160,10 +160,11 @@ def forward_backward(model: nn.Module, loss_fn: nn.Module, micro_batches: list[t
 
     with torch.no_grad(), autocast():
         cached = [encode(model, images, texts)[:2] for images, texts in micro_batches]
-    is_ddp = isinstance(model, DistributedDataParallel)
+    ddp = getattr(model, "_orig_mod", model)  # DDP, possibly inside torch.compile's wrapper
+    is_ddp = isinstance(ddp, DistributedDataParallel)
     for j, (images, texts) in enumerate(micro_batches):
         last = j == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if (last or not is_ddp) else model.no_sync()
+        sync = contextlib.nullcontext() if (last or not is_ddp) else ddp.no_sync()
         with sync:
             with autocast():
                 img, txt, scale = encode(model, images, texts)
