@@ -101,7 +101,7 @@ def plan_runs(cfg: dict, output: str, seeds: list[int], overrides: dict) -> list
 def _execute(run: dict, python: str) -> dict:
     out: Path = run["output"]
     if (out / "results.json").is_file():
-        return json.loads((out / "results.json").read_text())
+        return {**json.loads((out / "results.json").read_text()), "reused": True}
     out.mkdir(parents=True, exist_ok=True)
     argv = [python, str(FINETUNE), *run["argv"]]
     if (out / "last.pt").is_file():
@@ -221,13 +221,16 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(rows) if rows else "(no finished runs)"
     Path(args.output).mkdir(parents=True, exist_ok=True)
     cmd = "python eval/compare.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    (Path(args.output) / "table.md").write_text(
-        f"{table}\n\nWall time of the comparison: {wall / 60:.1f} min ({len(runs)} runs, {args.jobs} in parallel).\n")
+    reused = sum(r.get("reused", False) for rs in results.values() for r in rs)
+    timing = (f"Wall time of this compare.py call: {wall / 60:.1f} min ({len(runs) - reused} runs trained, {args.jobs} "
+              f"in parallel; {reused} finished runs reused). Per-run wall and CPU time are in the table.")
+    (Path(args.output) / "table.md").write_text(f"{table}\n\n{timing}\n")
     (Path(args.output) / "table.json").write_text(json.dumps(
         {"config": cfg.get("name", Path(args.config).stem), "command": cmd, "wall_time": wall, "jobs": args.jobs,
+         "runs_trained": len(runs) - reused, "runs_reused": reused,
          "rows": rows, "failures": failures}, indent=2) + "\n")
     print(table)
-    print(f"\nwall time {wall / 60:.1f} min; table in {Path(args.output) / 'table.md'}")
+    print(f"\n{timing}\nTable in {Path(args.output) / 'table.md'}")
     if failures:
         print(f"compare.py: error: {len(failures)} run(s) failed; first: {failures[0]}", file=sys.stderr)
         return 1

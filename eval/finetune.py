@@ -77,7 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate")
     d = p.add_argument_group("data")
     d.add_argument("--dataset", required=True, help="a dataset name of eval.readers (mnist, fashion_mnist, cifar10...)")
-    d.add_argument("--data-root", required=True, help="folder holding the dataset's files")
+    d.add_argument("--data-root", default=None,
+                   help="folder holding the dataset's files (default: the reader's, e.g. Fashion-MNIST's Debian path)")
     d.add_argument("--train-split", default="train")
     d.add_argument("--eval-split", default="test")
     d.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation mean (default by channels)")
@@ -144,7 +145,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.mixup > 0 or args.cutmix > 0:
         if args.batch_size % 2:
             raise UsageError("mixup/cutmix need an even --batch-size")
-    if not Path(args.data_root).exists():
+    if args.data_root is not None and not Path(args.data_root).exists():
         raise UsageError(f"--data-root {args.data_root} does not exist")
     if args.init != "scratch" and not _is_diffclip_name(args.model) and not Path(args.init).is_file():
         raise UsageError(f"--init {args.init} is not 'scratch' or a checkpoint file")
