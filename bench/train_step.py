@@ -10,10 +10,11 @@ Models, built in one process and timed with interleaved repetitions (median repo
 A step is the one ``training/main.py`` takes: the model's image and text embeddings, L2-normalised, the CLIP
 loss (:class:`diffclip.loss.ClipLoss`), ``backward``, ``AdamW.step`` (weight decay groups of
 :func:`training.train.param_groups` for ours, all parameters for open_clip's). Peak memory is the growth of the
-resident set of a spawned child that builds the model and optimizer and runs one step (AdamW state included:
+peak resident set (VmHWM) of a spawned child that builds the model and optimizer and runs one step (AdamW state included:
 CPU has no allocator statistics; on CUDA ``torch.cuda.max_memory_allocated`` is used instead).
 
     nice python bench/train_step.py [--batch-b16 4] [--batch-tiny 32] [--reps 5] [--device cpu] [--skip-b16]
+        [--threads N] [--no-memory]
 
 Target: DiffCLIP's step time <= 1.05x open_clip's at the same batch (issue 3).
 """
@@ -78,6 +79,19 @@ def train_step(model, optimizer, loss_fn, images, texts) -> None:
     optimizer.step()
 
 
+def _peak_rss_kib() -> int:
+    """This process's peak resident set (KiB): ``VmHWM`` of /proc/self/status on Linux, which starts afresh at
+    exec (``ru_maxrss`` keeps the maximum of the process that forked the child), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def _child_peak(suite: str, name: str, batch: int, device: str, q) -> None:
     torch.manual_seed(0)
     s = SUITES[suite]
@@ -90,9 +104,9 @@ def _child_peak(suite: str, name: str, batch: int, device: str, q) -> None:
         train_step(model, opt, ClipLoss(), images, texts)
         q.put((torch.cuda.max_memory_allocated() - base) / 2**20)
         return
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _peak_rss_kib()
     train_step(model, opt, ClipLoss(), images, texts)
-    q.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+    q.put((_peak_rss_kib() - base) / 1024)
 
 
 def peak_mib(suite: str, name: str, batch: int, device: str) -> float:
@@ -149,7 +163,10 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-b16", action="store_true", help="only the tiny suite")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, open_clip {open_clip.__version__}, device {args.device}, "
           f"threads {torch.get_num_threads()}")
     if not args.skip_b16:

@@ -8,14 +8,16 @@
   Pre-Training", eq. 1), with a learnable ``logit_bias`` (initialised to -10, and the logit scale to log 10).
 
 Both take L2-normalised features ``(n, D)`` of the ``n`` local samples and the exponentiated logit scale (0-d),
-and return the loss of the *global* batch of ``N = n * world_size`` pairs. Under DDP (which averages the
+and return the loss of the *global* batch of ``N = n * world_size`` pairs (with ``local_loss``, and for SigLIP,
+this rank's share of it: the mean over ranks is the global loss). Under DDP (which averages the
 gradients of the ranks) every variant marked exact below yields, after that averaging, exactly the gradient
 that one process computing the loss over the whole global batch would get:
 
 * ``local_loss=False, gather_with_grad=False`` (default), exact: each rank's backward reaches only its own
   slice of the gathered features, so the gradient of the local features is scaled by ``world_size``
   (:class:`_ScaleGrad`) to turn DDP's mean over ranks into the sum the global batch needs;
-* ``local_loss=False, gather_with_grad=True``, exact: the autograd all-gather sums the ranks' gradients;
+* ``local_loss=False, gather_with_grad=True``, exact: the backward of the autograd all-gather sums the ranks'
+  gradients;
 * ``local_loss=True, gather_with_grad=True``, exact: each rank computes its ``n`` rows against all ``N`` columns;
 * ``local_loss=True, gather_with_grad=False``, not exact: the column terms of the other ranks' rows are lost
   (open_clip behaves the same); pass ``--gather-with-grad`` with ``--local-loss``.
@@ -27,7 +29,6 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 
@@ -56,6 +57,24 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward sums the gradients of all ranks and returns this rank's slice
+    (the adjoint of the gather); all-reduce based, so it works with gloo as well as NCCL."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+        ctx.rank, ctx.n = rank, x.shape[0]
+        out = [torch.empty_like(x) for _ in range(world_size)]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None, None
+
+
 def _all_gather_no_grad(x: torch.Tensor, world_size: int) -> list[torch.Tensor]:
     out = [torch.empty_like(x) for _ in range(world_size)]
     dist.all_gather(out, x.detach().contiguous())
@@ -70,7 +89,7 @@ def gather_features(image_features: torch.Tensor, text_features: torch.Tensor, *
     Args:
         image_features, text_features: (n, D) local features; every rank must have the same ``n``.
         local_loss: only used to decide whether gradients need rescaling (see the module table).
-        gather_with_grad: use the autograd all-gather of ``torch.distributed.nn`` (its backward sums the
+        gather_with_grad: use an autograd all-gather (:class:`_AllGatherWithGrad`: its backward sums the
             gradients of all ranks into each rank's slice); otherwise a plain all-gather whose local slice is
             replaced by the local tensors, so that gradients reach them.
         rank, world_size: this process's rank and the number of processes.
@@ -82,8 +101,8 @@ def gather_features(image_features: torch.Tensor, text_features: torch.Tensor, *
     if world_size == 1:
         return image_features, text_features
     if gather_with_grad:
-        return (torch.cat(dist_fn.all_gather(image_features.contiguous()), dim=0),
-                torch.cat(dist_fn.all_gather(text_features.contiguous()), dim=0))
+        return (_AllGatherWithGrad.apply(image_features, rank, world_size),
+                _AllGatherWithGrad.apply(text_features, rank, world_size))
     if not local_loss:
         # Each rank backpropagates only through its own slice; DDP then averages over ranks, but the batch
         # gradient is the sum of the slices' contributions: scale by world_size to make DDP's mean that sum.
@@ -187,7 +206,7 @@ class SigLipLoss(nn.Module):
                logit_bias: torch.Tensor | None = None) -> torch.Tensor:
         """(n, N) logits of the local images against the texts of all ranks."""
         if self.world_size > 1:
-            text_features = torch.cat(dist_fn.all_gather(text_features.contiguous()), dim=0)
+            text_features = _AllGatherWithGrad.apply(text_features, self.rank, self.world_size)
         bias = self.logit_bias if logit_bias is None else logit_bias
         return logit_scale * image_features @ text_features.T + bias
 

@@ -111,5 +111,7 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 def cleanup(info: DistInfo) -> None:
+    """Destroys the process group after a barrier (a rank leaving while a peer still talks to it can abort)."""
     if info.distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

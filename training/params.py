@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "from sizes.json / __len__ of the shards)")
     g.add_argument("--dataset-resampled", action="store_true", help="sample shards with replacement")
     g.add_argument("--val-data", default=None, help="validation shards (contrastive loss and retrieval recall)")
-    g.add_argument("--val-num-samples", type=_positive_int, default=None)
+    g.add_argument("--val-num-samples", type=_positive_int, default=None, help="validation samples, for shards "
+                   "without sizes.json / __len__")
     g.add_argument("--workers", type=_nonneg_int, default=1, help="data loader workers per process")
     g.add_argument("--zeroshot-data", default=None, help="zero-shot set: an image folder with one sub-folder per "
                    "class, optional classnames.txt (one name per sub-folder, sorted order) and templates.txt "
