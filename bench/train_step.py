@@ -144,11 +144,12 @@ def run_suite(suite: str, batch: int, reps: int, device: str, memory: bool) -> d
     ref = next(k for k in med if k.startswith("open_clip"))
     ours = next(iter(med))
     print(f"\n{suite}: batch {batch}, {s['image_size']} px, context {s['ctx']}; median of {reps} interleaved steps")
-    print("| model | parameters | step s | samples/s | peak MiB | vs open_clip |")
-    print("|---|---|---|---|---|---|")
+    print("| model | parameters | step s (median) | min..max | samples/s | peak MiB | vs open_clip |")
+    print("|---|---|---|---|---|---|---|")
     for k, t in med.items():
         mem = f"{peak_mib(suite, k, batch, device):.0f}" if memory else "-"
-        print(f"| {k} | {n_params[k]:,} | {t:.3f} | {batch / t:.1f} | {mem} | {t / med[ref]:.3f}x |")
+        print(f"| {k} | {n_params[k]:,} | {t:.3f} | {min(times[k]):.3f}..{max(times[k]):.3f} | {batch / t:.1f} | "
+              f"{mem} | {t / med[ref]:.3f}x |")
     twin = [k for k in med if k not in (ours, ref)][0]
     print(f"{ours} / {ref} = {med[ours] / med[ref]:.3f} (target <= 1.05); {ours} / {twin} = "
           f"{med[ours] / med[twin]:.3f}")
