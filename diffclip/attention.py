@@ -72,6 +72,19 @@ def _check_mask(attn_mask: torch.Tensor | None, is_causal: bool) -> None:
         raise ValueError("pass either attn_mask or is_causal=True, not both")
 
 
+def _add_projections(layer: nn.Module, dim: int, qkv_bias: bool, proj_bias: bool, attn_drop: float,
+                     proj_drop: float) -> None:
+    """The parts both attention layers share: q/k/v/out projections (C x C), dropouts and the map-keeping state."""
+    layer.keep_maps = False
+    layer.attn_maps = None
+    layer.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
+    layer.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
+    layer.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
+    layer.out_proj = nn.Linear(dim, dim, bias=proj_bias)
+    layer.attn_drop = nn.Dropout(attn_drop)
+    layer.proj_drop = nn.Dropout(proj_drop)
+
+
 class DiffAttention(nn.Module):
     """Multi-head differential attention (arXiv 2410.05258 eq. 1-3; DiffCLIP layout).
 
@@ -116,14 +129,7 @@ class DiffAttention(nn.Module):
         self.lambda_init = float(lambda_init)
         self.fused = fused
         self.fused_mode = "wide"
-        self.keep_maps = False
-        self.attn_maps: dict[str, torch.Tensor] | None = None
-        self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
-        self.out_proj = nn.Linear(dim, dim, bias=proj_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj_drop = nn.Dropout(proj_drop)
+        _add_projections(self, dim, qkv_bias, proj_bias, attn_drop, proj_drop)
         self.diff_norm = nn.RMSNorm(2 * self.head_dim, eps=1e-5)
         self.lambda_q1 = nn.Parameter(torch.empty(self.head_dim))
         self.lambda_k1 = nn.Parameter(torch.empty(self.head_dim))
@@ -237,14 +243,7 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.fused = fused
-        self.keep_maps = False
-        self.attn_maps: dict[str, torch.Tensor] | None = None
-        self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
-        self.out_proj = nn.Linear(dim, dim, bias=proj_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj_drop = nn.Dropout(proj_drop)
+        _add_projections(self, dim, qkv_bias, proj_bias, attn_drop, proj_drop)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         """Same contract as :meth:`DiffAttention.forward`: (B, N, C) -> (B, N, C)."""
