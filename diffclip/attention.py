@@ -15,9 +15,10 @@ head ``i`` and block ``2i + 1`` is its Q2/K2, which is the release's weight layo
 
 Two numerically equivalent paths compute the heads:
 
-* fused (default): ``(A1 - lambda A2) V = A1 V - lambda A2 V``, so one
-  ``scaled_dot_product_attention`` call over the ``2h`` query/key heads forms both products
-  without materialising any N x N map;
+* fused (default): ``(A1 - lambda A2) V = A1 V - lambda A2 V``, so two
+  ``scaled_dot_product_attention`` calls with a value of width ``2d`` form both products without
+  materialising any N x N map in Python (``fused_mode = "split"``: one call over ``4h`` heads of equal
+  width ``d``, for kernels that need the value as wide as the query);
 * exact: materialises A1 and A2 in fp32 and can keep them (``keep_maps``) for visualisation.
 
 Both layers take input ``x`` of shape (B, N, dim) and return (B, N, dim) in ``x.dtype``.
@@ -150,13 +151,20 @@ class DiffAttention(nn.Module):
 
     @staticmethod
     def _fused_wide(q, k, v, lam, attn_mask, is_causal, dropout_p):
-        """One SDPA call over the 2h query/key heads, each value head (width 2d) serving both of its pair."""
+        """Two SDPA calls, (Q1, K1, V) and (Q2, K2, V), each with the value of width 2d (paper, sec. 2.1)."""
         B, h2, N, d = q.shape
-        h = h2 // 2
-        v2 = v.unsqueeze(2).expand(B, h, 2, N, 2 * d).reshape(B, h2, N, 2 * d)
-        o = F.scaled_dot_product_attention(q, k, v2, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
-        o = o.view(B, h, 2, N, 2 * d)
-        return o[:, :, 0] - lam.to(o.dtype) * o[:, :, 1]  # (B, h, N, 2d)
+        q = q.view(B, h2 // 2, 2, N, d)
+        k = k.view(B, h2 // 2, 2, N, d)
+        if attn_mask is not None and attn_mask.dim() == 4 and attn_mask.size(1) == h2:
+            attn_mask = attn_mask.view(B, h2 // 2, 2, N, -1)
+            masks = (attn_mask[:, :, 0], attn_mask[:, :, 1])
+        else:
+            masks = (attn_mask, attn_mask)
+        o1 = F.scaled_dot_product_attention(q[:, :, 0], k[:, :, 0], v, attn_mask=masks[0], is_causal=is_causal,
+                                            dropout_p=dropout_p)
+        o2 = F.scaled_dot_product_attention(q[:, :, 1], k[:, :, 1], v, attn_mask=masks[1], is_causal=is_causal,
+                                            dropout_p=dropout_p)
+        return o1 - lam.to(o1.dtype) * o2  # (B, h, N, 2d)
 
     @staticmethod
     def _fused_split(q, k, v, lam, attn_mask, is_causal, dropout_p):
