@@ -1,8 +1,9 @@
 """DDP: 2 gloo processes (started for real by torchrun) on a global batch give the loss and the gradients of
 1 process on the same batch (atol 1e-5), for the full loss, --gather-with-grad, --local-loss --gather-with-grad,
 --siglip and --accum-freq 2; --local-loss without --gather-with-grad is checked to be the documented
-approximation."""
+approximation. SLURM variables are read when torchrun's are absent."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -82,7 +83,7 @@ def ddp_results(tmp_path_factory):
     script.write_text(WORKER)
     proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(script), str(out),
                            str(Path(__file__).parent)], capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out, weights_only=True)
 
@@ -117,3 +118,25 @@ def test_local_loss_without_gather_with_grad_is_approximate(ddp_results):
     worst = max((got["grads"][k] - grads[k]).abs().max().item() for k in grads)
     assert worst > 1e-4
     assert not ClipLoss(local_loss=True, world_size=2).exact and ClipLoss(world_size=2).exact
+
+
+def test_world_info_from_slurm_variables(monkeypatch):
+    """Under srun (no torchrun variables) SLURM's task ids become RANK/LOCAL_RANK/WORLD_SIZE."""
+    from training.distributed import world_info_from_env
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(var, "")  # recorded, so that what world_info_from_env sets is undone after the test
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[03-06,09]")
+    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: the node list is parsed
+    assert world_info_from_env() == (5, 1, 8)
+    assert os.environ["RANK"] == "5" and os.environ["WORLD_SIZE"] == "8" and os.environ["LOCAL_RANK"] == "1"
+    assert os.environ["MASTER_ADDR"] == "gpu03" and os.environ["MASTER_PORT"] == "29500"
+    # torchrun's variables win over SLURM's
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert world_info_from_env() == (0, 0, 2)

@@ -34,6 +34,8 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], int, str]]:
         "missing shards": (["--train-data", str(tmp / "nowhere" / "{00000..00003}.tar"), *base], 1, "not found"),
         "folder without shards": (["--train-data", str(empty), *base], 1, "no .tar shards"),
         "missing resume file": ([*ok_data, *base, "--resume", str(tmp / "nope.pt")], 1, "checkpoint not found"),
+        "resume latest without name": ([*ok_data, *base, "--resume", "latest"], 1, "--resume latest needs --name"),
+        "missing pretrained": ([*ok_data, *base, "--pretrained", str(tmp / "w")], 1, "pretrained weights not found"),
         "run folder exists": ([*ok_data, *base, "--name", "taken"], 1, "--resume latest"),
     }
 
@@ -67,7 +69,7 @@ def _in_process(argv, capsys):
 
 @pytest.mark.parametrize("case", ["unknown flag", "bad value", "bad precision", "no train data", "unknown model",
                                   "missing shards", "folder without shards", "missing resume file",
-                                  "run folder exists"])
+                                  "resume latest without name", "missing pretrained", "run folder exists"])
 def test_bad_input_exits_with_one_line(results, case, capsys):
     cases, out = results
     argv, expected_code, expected_text = cases[case]

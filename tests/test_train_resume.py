@@ -159,3 +159,18 @@ def test_exported_weights_load_and_match_the_checkpoint(runs):
     # the trained weights differ from a fresh model's
     fresh = diffclip.create_model(MODEL)
     assert not torch.equal(fresh.state_dict()["text_projection"], loaded.state_dict()["text_projection"])
+
+
+def test_find_latest_checkpoint(tmp_path):
+    from training.checkpoint import checkpoint_step, find_latest
+
+    assert find_latest(tmp_path / "none", 10) is None
+    for name in ("epoch_1.pt", "step_15.pt", "step_20.pt.tmp", "epoch_2.pt", "step_7.pt", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert checkpoint_step(tmp_path / "epoch_2.pt", 10) == 20
+    assert find_latest(tmp_path, 10).name == "epoch_2.pt"  # step 20; the .tmp file is ignored
+    (tmp_path / "step_21.pt").write_bytes(b"")
+    assert find_latest(tmp_path, 10).name == "step_21.pt"
+    (tmp_path / "step_20.pt").write_bytes(b"")
+    (tmp_path / "step_21.pt").unlink()
+    assert find_latest(tmp_path, 10).name == "epoch_2.pt"  # same step: the epoch checkpoint wins

@@ -92,7 +92,8 @@ def _broadcast(obj, info: DistInfo):
 
 def default_name(args) -> str:
     date = datetime.now().strftime("%Y_%m_%d-%H_%M_%S")
-    return f"{date}-model_{args.model}-lr_{args.lr}-b_{args.batch_size}-p_{args.precision}"
+    model = args.model.replace("/", "_").replace(":", "_")
+    return f"{date}-model_{model}-lr_{args.lr}-b_{args.batch_size}-p_{args.precision}"
 
 
 def _stats_dict(stats) -> dict:
@@ -165,6 +166,8 @@ def run(args) -> int:
         diffclip.get_model_config(args.model)
     except ValueError as e:
         raise CLIError(f"--model: {e}") from None
+    if args.resume == "latest" and not args.name:
+        raise CLIError("--resume latest needs --name: the run folder to continue")
     name = args.name or _broadcast(default_name(args), info)
     args.name = name
     run_dir = Path(args.logs) / name
@@ -179,7 +182,7 @@ def run(args) -> int:
         model, preprocess_train, preprocess_val = diffclip.create_model_and_transforms(args.model,
                                                                                        pretrained=args.pretrained)
     except (FileNotFoundError, ConnectionError, RuntimeError, ValueError) as e:
-        raise CLIError(f"--pretrained {args.pretrained}: {e}") from None
+        raise CLIError(f"--pretrained {args.pretrained}: {e}" if args.pretrained else f"--model: {e}") from None
     try:
         make_loader = build_data(args, info, preprocess_train, tokenizer)
         make_val = build_val(args, preprocess_val, tokenizer) if args.val_data else None
