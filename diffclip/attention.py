@@ -222,7 +222,8 @@ class DiffAttention(nn.Module):
                 self.attn_maps = {"a1": a1.detach(), "a2": a2.detach(), "diff": diff.detach(),
                                   "lambda": lam.detach()}
             o = (self.attn_drop(diff) @ v.float()).to(x.dtype)
-        o = self.diff_norm(o) * (1.0 - self.lambda_init)
+        # the head-wise RMSNorm runs in fp32 (as the release does), also under bf16/fp16 autocast
+        o = self.diff_norm(o.float()).to(o.dtype) * (1.0 - self.lambda_init)
         o = o.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.out_proj(o))
 
