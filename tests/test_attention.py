@@ -132,3 +132,16 @@ def test_odd_head_count_rejected_with_clear_error():
         attention_layer("flash")
     with pytest.raises(ValueError, match="either attn_mask or is_causal"):
         DiffAttention(16, 2)(torch.randn(1, 3, 16), attn_mask=torch.ones(3, 3, dtype=torch.bool), is_causal=True)
+
+
+def test_bf16_autocast_runs_without_dtype_warnings():
+    import warnings
+    torch.manual_seed(6)
+    layer = DiffAttention(64, num_heads=8)
+    x = torch.randn(2, 9, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), layer(x), atol=0.1, rtol=0.1)
