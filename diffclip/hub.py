@@ -37,8 +37,8 @@ RELEASES = {
     "DiffCLIP-ViT-B-16": {"cc3m": "hf-hub:hammh0a/DiffCLIP_ViTB16_CC3M/checkpoint_best.pt",
                           "cc12m": "hf-hub:hammh0a/DiffCLIP_ViTB16_CC12M/checkpoint_best.pt"},
 }
-#: files tried, in order, in a hub repo named without a file
-HUB_WEIGHT_FILES = ("model.safetensors", "checkpoint_best.pt", "open_clip_model.safetensors",
+#: weight files tried, in order, in a hub repo or a local directory named without a file
+WEIGHT_FILES = ("model.safetensors", "checkpoint_best.pt", "open_clip_model.safetensors",
                     "open_clip_pytorch_model.bin")
 
 
@@ -83,12 +83,12 @@ def _download_hub_weights(spec: str) -> str:
     parts = spec.split("/")
     if len(parts) > 2:
         return download("/".join(parts[:2]), "/".join(parts[2:]))
-    for name in HUB_WEIGHT_FILES:
+    for name in WEIGHT_FILES:
         try:
             return download(spec, name)
         except FileNotFoundError:
             continue
-    raise FileNotFoundError(f"hub repo {spec!r} has none of the weight files {', '.join(HUB_WEIGHT_FILES)}")
+    raise FileNotFoundError(f"hub repo {spec!r} has none of the weight files {', '.join(WEIGHT_FILES)}")
 
 
 def resolve_pretrained(pretrained: str, model_name: str | None = None) -> str:
@@ -109,10 +109,10 @@ def resolve_pretrained(pretrained: str, model_name: str | None = None) -> str:
         return _download_hub_weights(pretrained[len(HF_HUB_PREFIX):])
     path = Path(pretrained).expanduser()
     if path.is_dir():
-        for name in ("model.safetensors", "checkpoint_best.pt", "open_clip_model.safetensors"):
+        for name in WEIGHT_FILES:
             if (path / name).is_file():
                 return str(path / name)
-        raise FileNotFoundError(f"directory {path} has no model.safetensors (nor checkpoint_best.pt)")
+        raise FileNotFoundError(f"directory {path} has no model.safetensors (nor {', '.join(WEIGHT_FILES[1:])})")
     if not path.is_file():
         known = f"; release tags of {model_name}: {', '.join(tags)}" if tags else ""
         raise FileNotFoundError(f"pretrained weights not found: {pretrained!r} (expected a file, a directory with "
