@@ -156,12 +156,23 @@ def test_epochs_are_deterministic_and_differ(shards):
     d = list(info.dataloader)
     assert _same(a, b) and _same(a, d)
     assert _captions(a) != _captions(c)
-    # the random crops do not depend on (nor disturb) the caller's global RNG streams
-    torch.manual_seed(123)
-    random.seed(5)
-    state = random.getstate()
-    e = list(_loader(_urls(shards), seed=3, epoch=1).dataloader)
-    assert random.getstate() == state and _same(a, e)
+    # the random crops neither depend on nor disturb the caller's global RNG streams, which the caller uses
+    # between batches (dropout, sampling...) in the same process (the DataLoader itself draws its base seed
+    # once, at the first batch)
+    def first_batch():
+        torch.manual_seed(123)
+        random.seed(5)
+        it = iter(_loader(_urls(shards), seed=3, epoch=1).dataloader)
+        return it, next(it)
+
+    first_batch()
+    expected = [(torch.rand(2).tolist(), random.random()) for _ in range(len(a))]
+    it, batch = first_batch()
+    e, got = [batch], [(torch.rand(2).tolist(), random.random())]
+    for batch in it:
+        e.append(batch)
+        got.append((torch.rand(2).tolist(), random.random()))
+    assert got == expected and _same(a, e)
 
 
 @pytest.mark.parametrize("workers,batch_size,skip", [(0, 4, 2), (2, 4, 3), (2, 7, 1)])

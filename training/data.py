@@ -9,17 +9,17 @@ writes such shards). The pipeline is built from webdataset's pieces::
     -> sample check (image + caption; a shard with none fails fast, naming the keys it has)
     -> wds.shuffle (buffer seeded by seed, epoch, rank and worker)
     -> wds.decode (PIL RGB; undecodable image: skipped, logged, counted) -> wds.to_tuple
-    -> skip to the resume position -> transform + tokenise (augmentation seeded per sample) -> wds.batched
-    -> a fixed number of batches per worker
+    -> skip to the resume position -> transform + tokenise (augmentation seeded per sample)
+    -> a fixed number of whole batches' samples per worker -> wds.batched -> the caller's RNG states restored
 
 Determinism and resume: for a given seed and epoch, every rank sees a fixed sequence of batches whatever the
 timing. Each DataLoader worker plays a fixed *role* (which shards it reads, which batches of the rank's sequence
 it produces: batch ``g`` comes from role ``g % workers``), and the global torch and Python RNGs are re-seeded by
-(seed, epoch, rank, role, position) for each sample's random crop (and restored after it when the loader runs in
-the caller's process), so augmentation depends neither on timing nor on the caller's RNG. ``skip_batches=k``
-rotates the roles so that the loader's first batch is batch ``k``, and each role skips its share of the first
-``k`` batches *before* the transform (images are still decoded, so that an undecodable image shifts nothing),
-which makes the batches after a mid-epoch resume identical to those of the uninterrupted run.
+(seed, epoch, rank, role, position) for each sample's random crop (the caller's states are restored after each
+batch when the loader runs in the caller's process), so augmentation depends neither on timing nor on the
+caller's RNG. ``skip_batches=k`` rotates the roles so that the loader's first batch is batch ``k``, and each
+role skips its share of the first ``k`` batches *before* the transform (images are still decoded, so that an
+undecodable image shifts nothing), which makes the batches after a mid-epoch resume identical to those of the uninterrupted run.
 
 Equal work on every rank: a training epoch is ``num_samples // (batch_size * world_size)`` batches on every rank
 (split over the workers); a rank whose shards run out reads them again (next pass, reshuffled), so no rank can
@@ -400,7 +400,7 @@ class _Shuffle(wds.PipelineStage):
 
 class _Prepare(wds.PipelineStage):
     """Skips this role's batches before the resume position, then transforms and tokenises each sample with
-    the global torch and Python RNGs seeded per sample (and restored after, so the caller's streams are kept)."""
+    the global torch and Python RNGs seeded per sample (see :class:`_KeepCallerRng` for the caller's streams)."""
 
     def __init__(self, plan: _Plan):
         self.plan = plan
@@ -410,29 +410,15 @@ class _Prepare(wds.PipelineStage):
         r = plan.role()
         to_skip = r.batches_done * plan.batch_size if plan.is_train else 0
         base = _seed(plan.seed, r.epoch, "augment", r.rank, r.role)
-        generator = torch.random.default_generator
-        in_worker = get_worker_info() is not None  # a worker's global RNGs serve this pipeline only
         for position, (image, text) in enumerate(src):
             if position < to_skip:
                 continue
             try:
-                if not plan.is_train:
-                    image = plan.preprocess(image)
-                elif in_worker:
+                if plan.is_train:
                     sample_seed = _seed(base, position)
-                    generator.manual_seed(sample_seed)
+                    torch.random.default_generator.manual_seed(sample_seed)  # CPU only: transforms run there
                     random.seed(sample_seed)
-                    image = plan.preprocess(image)
-                else:
-                    sample_seed = _seed(base, position)
-                    torch_state, py_state = generator.get_state(), random.getstate()
-                    generator.manual_seed(sample_seed)
-                    random.seed(sample_seed)
-                    try:
-                        image = plan.preprocess(image)
-                    finally:
-                        generator.set_state(torch_state)
-                        random.setstate(py_state)
+                image = plan.preprocess(image)
                 tokens = plan.tokenizer([str(text).strip()])[0]
             except Exception as exn:
                 plan.on_sample_error(exn)
@@ -440,19 +426,44 @@ class _Prepare(wds.PipelineStage):
             yield image, tokens
 
 
+class _KeepCallerRng(wds.PipelineStage):
+    """In the caller's process (``workers=0``) the per-sample seeding of :class:`_Prepare` would replace the
+    training loop's global torch and Python RNG streams: their states are saved before each batch is made and
+    restored after (once per batch; the caller's code only runs between batches). Worker processes' global RNGs
+    serve the pipeline alone, so there it passes batches through."""
+
+    def run(self, src):
+        if get_worker_info() is not None:
+            yield from src
+            return
+        generator, it = torch.random.default_generator, iter(src)
+        while True:
+            torch_state, py_state = generator.get_state(), random.getstate()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            finally:
+                generator.set_state(torch_state)
+                random.setstate(py_state)
+            yield batch
+
+
 class _Budget(wds.PipelineStage):
-    """The fixed number of batches this worker role produces in a training epoch (after the resume position)."""
+    """The fixed number of samples (whole batches) this worker role produces in a training epoch, after the resume
+    position. It stops the stream before ``wds.batched``, which would otherwise pull one sample past the last
+    batch (and with it a whole shuffle buffer of the next pass) before yielding that batch."""
 
     def __init__(self, plan: _Plan):
         self.plan = plan
 
     def run(self, src):
         r = self.plan.role()
-        remaining = r.batches_total - r.batches_done
+        remaining = (r.batches_total - r.batches_done) * self.plan.batch_size
         if remaining <= 0:
             return
-        for i, batch in enumerate(src):
-            yield batch
+        for i, sample in enumerate(src):
+            yield sample
             if i + 1 >= remaining:
                 return
 
@@ -575,10 +586,10 @@ def get_wds_loader(urls, preprocess, tokenizer, *, batch_size: int, num_samples:
         wds.decode(_decode_image, handler=plan.on_sample_error),
         wds.to_tuple(";".join(IMAGE_EXTENSIONS), CAPTION_EXTENSION),
         _Prepare(plan),
-        wds.batched(batch_size, collation_fn=_collate, partial=not is_train),
     ]
     if is_train:
         stages.append(_Budget(plan))
+    stages += [wds.batched(batch_size, collation_fn=_collate, partial=not is_train), _KeepCallerRng()]
     pipeline = wds.DataPipeline(*stages)
     if persistent_workers is None:
         persistent_workers = workers > 0
