@@ -19,7 +19,8 @@ it produces: batch ``g`` comes from role ``g % workers``), and the global torch 
 batch when the loader runs in the caller's process), so augmentation depends neither on timing nor on the
 caller's RNG. ``skip_batches=k`` rotates the roles so that the loader's first batch is batch ``k``, and each
 role skips its share of the first ``k`` batches *before* the transform (images are still decoded, so that an
-undecodable image shifts nothing), which makes the batches after a mid-epoch resume identical to those of the uninterrupted run.
+undecodable image shifts nothing), which makes the batches after a mid-epoch resume identical to those of the
+uninterrupted run.
 
 Equal work on every rank: a training epoch is ``num_samples // (batch_size * world_size)`` batches on every rank
 (split over the workers); a rank whose shards run out reads them again (next pass, reshuffled), so no rank can
