@@ -13,7 +13,7 @@ loss (:class:`diffclip.loss.ClipLoss`), ``backward``, ``AdamW.step`` (weight dec
 peak resident set (VmHWM) of a spawned child that builds the model and optimizer and runs one step (AdamW state included:
 CPU has no allocator statistics; on CUDA ``torch.cuda.max_memory_allocated`` is used instead).
 
-    nice python bench/train_step.py [--batch-b16 4] [--batch-tiny 32] [--reps 5] [--device cpu] [--skip-b16]
+    nice python bench/train_step.py [--batch-b16 4] [--batch-tiny 32] [--reps 9] [--device cpu] [--skip-b16]
         [--threads N] [--no-memory]
 
 Target: DiffCLIP's step time <= 1.05x open_clip's at the same batch (issue 3).
@@ -152,8 +152,13 @@ def run_suite(suite: str, batch: int, reps: int, device: str, memory: bool) -> d
               f"{mem} | {t / med[ref]:.3f}x |")
     twin = [k for k in med if k not in (ours, ref)][0]
     best = {k: min(v) for k, v in times.items()}
-    print(f"{ours} / {ref} = {med[ours] / med[ref]:.3f} (medians; fastest steps: {best[ours] / best[ref]:.3f}; "
-          f"target <= 1.05); {ours} / {twin} = {med[ours] / med[twin]:.3f} (fastest: {best[ours] / best[twin]:.3f})")
+
+    def paired(a: str, b: str) -> float:  # median over rounds of the ratio within a round (robust to drift)
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+    print(f"{ours} / {ref} = {med[ours] / med[ref]:.3f} (medians; paired by round: {paired(ours, ref):.3f}; fastest "
+          f"steps: {best[ours] / best[ref]:.3f}; target <= 1.05); {ours} / {twin} = {med[ours] / med[twin]:.3f} "
+          f"(paired: {paired(ours, twin):.3f}; fastest: {best[ours] / best[twin]:.3f})")
     return med
 
 
@@ -161,7 +166,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch-b16", type=int, default=4)
     ap.add_argument("--batch-tiny", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-b16", action="store_true", help="only the tiny suite")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")

@@ -13,13 +13,18 @@ has ``num_heads // 2`` differential heads whose queries and keys have ``d = dim 
 channels each and whose values have ``2d``. Query/key channel block ``2i`` is Q1/K1 of differential
 head ``i`` and block ``2i + 1`` is its Q2/K2, which is the release's weight layout.
 
-Two numerically equivalent paths compute the heads:
+Numerically equivalent paths compute the heads, chosen by ``fused_mode``:
 
-* fused (default): ``(A1 - lambda A2) V = A1 V - lambda A2 V``, so two
-  ``scaled_dot_product_attention`` calls with a value of width ``2d`` form both products without
-  materialising any N x N map in Python (``fused_mode = "split"``: one call over ``4h`` heads of equal
-  width ``d``, for kernels that need the value as wide as the query);
-* exact: materialises A1 and A2 in fp32 and can keep them (``keep_maps``) for visualisation.
+* ``"wide"``: ``(A1 - lambda A2) V = A1 V - lambda A2 V``, so two ``scaled_dot_product_attention`` calls
+  with a value of width ``2d`` form both products without materialising any N x N map in Python (the
+  memory-efficient kernels on CUDA);
+* ``"split"``: one SDPA call over ``4h`` heads of equal width ``d`` (each map times each half of V), for
+  kernels that need the value as wide as the query;
+* ``"maps"``: the exact path: A1 and A2 materialised in fp32 and combined *before* the product with V, so
+  there is one value product per differential head instead of two. PyTorch's CPU SDPA has no fused kernel for
+  a value wider than the query and materialises the maps anyway, so on CPU this is the fastest path
+  (``bench/attention.py``); it is also the one that can keep the maps (``keep_maps``) for visualisation;
+* ``"auto"`` (default): ``"maps"`` on CPU, ``"wide"`` on other devices.
 
 Both layers take input ``x`` of shape (B, N, dim) and return (B, N, dim) in ``x.dtype``.
 """
@@ -73,6 +78,15 @@ def _check_mask(attn_mask: torch.Tensor | None, is_causal: bool) -> None:
         raise ValueError("pass either attn_mask or is_causal=True, not both")
 
 
+FUSED_MODES = ("auto", "wide", "split", "maps")
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in FUSED_MODES:
+        raise ValueError(f"fused_mode must be one of {', '.join(FUSED_MODES)}, got {mode!r}")
+    return mode
+
+
 def _add_projections(layer: nn.Module, dim: int, qkv_bias: bool, proj_bias: bool, attn_drop: float,
                      proj_drop: float) -> None:
     """The parts both attention layers share: q/k/v/out projections (C x C), dropouts and the map-keeping state."""
@@ -100,12 +114,16 @@ class DiffAttention(nn.Module):
         lambda_init: a constant lambda_init (0.8 in the DiffCLIP release), or "schedule" for the paper's
             depth schedule :func:`lambda_init_schedule` evaluated at ``depth``.
         depth: 0-based index of this layer in its tower (timm's ``Block`` passes it).
-        fused: use the fused SDPA path (True) or the exact path that materialises the maps (False).
+        fused: allow the SDPA paths (True, then ``fused_mode`` decides) or always use the exact path that
+            materialises the maps (False).
+        fused_mode: "auto" (default: "maps" on CPU, "wide" elsewhere), "wide", "split" or "maps" (see the
+            module docstring); also settable later as the attribute ``fused_mode``.
         **kwargs: ignored arguments that timm's ``Block`` passes to its attention layer (``qk_norm``...).
 
     Raises:
-        ValueError: if ``num_heads`` is odd, ``dim`` is not divisible by ``num_heads`` or ``lambda_init`` is an
-            unknown string.
+        ValueError: if ``num_heads`` is odd, ``dim`` is not divisible by ``num_heads``, ``lambda_init`` is an
+            unknown string or ``fused_mode`` is not one of the four modes (checked at construction and at the
+            forward pass).
 
     Parameters: ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj`` (C x C), ``lambda_q1``, ``lambda_k1``,
     ``lambda_q2``, ``lambda_k2`` (d,), initialised N(0, 0.1), ``diff_norm.weight`` (2d,).
@@ -113,7 +131,7 @@ class DiffAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, proj_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, lambda_init: float | str = 0.8,
-                 depth: int = 0, fused: bool = True, **kwargs):
+                 depth: int = 0, fused: bool = True, fused_mode: str = "auto", **kwargs):
         super().__init__()
         if num_heads < 2 or num_heads % 2:
             raise ValueError(f"differential attention needs an even num_heads (the baseline's head count, "
@@ -129,7 +147,7 @@ class DiffAttention(nn.Module):
             raise ValueError(f"lambda_init must be a number or 'schedule', got {lambda_init!r}")
         self.lambda_init = float(lambda_init)
         self.fused = fused
-        self.fused_mode = "wide"
+        self.fused_mode = _check_mode(fused_mode)
         _add_projections(self, dim, qkv_bias, proj_bias, attn_drop, proj_drop)
         self.diff_norm = nn.RMSNorm(2 * self.head_dim, eps=1e-5)
         self.lambda_q1 = nn.Parameter(torch.empty(self.head_dim))
@@ -164,7 +182,7 @@ class DiffAttention(nn.Module):
                                             dropout_p=dropout_p)
         o2 = F.scaled_dot_product_attention(q[:, :, 1], k[:, :, 1], v, attn_mask=masks[1], is_causal=is_causal,
                                             dropout_p=dropout_p)
-        return o1 - lam.to(o1.dtype) * o2  # (B, h, N, 2d)
+        return torch.addcmul(o1, o2, -lam.to(o1.dtype))  # o1 - lam * o2 in one pass: (B, h, N, 2d)
 
     @staticmethod
     def _fused_split(q, k, v, lam, attn_mask, is_causal, dropout_p):
@@ -200,16 +218,19 @@ class DiffAttention(nn.Module):
         k = self.k_proj(x).view(B, N, 2 * h, d).transpose(1, 2)
         v = self.v_proj(x).view(B, N, h, 2 * d).transpose(1, 2)  # (B, h, N, 2d)
         lam = self.lambda_full()
-        if self.fused and not self.keep_maps:
+        mode = _check_mode(self.fused_mode)
+        if mode == "auto":
+            mode = "maps" if x.device.type == "cpu" else "wide"
+        if self.fused and not self.keep_maps and mode != "maps":
             if attn_mask is not None and attn_mask.dim() == 4 and attn_mask.size(1) == h:
                 attn_mask = attn_mask.repeat_interleave(2, dim=1)
             dropout_p = self.attn_drop.p if self.training else 0.0
-            if self.fused_mode == "split":
+            if mode == "split":
                 o = self._fused_split(q, k, v, lam, attn_mask, is_causal, dropout_p)
             else:
                 o = self._fused_wide(q, k, v, lam, attn_mask, is_causal, dropout_p)
         else:
-            scores = (q.float() @ k.float().transpose(-1, -2)) * d ** -0.5  # (B, 2h, N, N)
+            scores = (q.float() * d ** -0.5) @ k.float().transpose(-1, -2)  # (B, 2h, N, N)
             mask = _additive_mask(attn_mask, is_causal, N, N, x.device)
             if mask is not None:
                 if mask.dim() == 4 and mask.size(1) == h:
@@ -217,13 +238,15 @@ class DiffAttention(nn.Module):
                 scores = scores + mask
             a = scores.softmax(dim=-1).view(B, h, 2, N, N)
             a1, a2 = a[:, :, 0], a[:, :, 1]
-            diff = a1 - lam * a2
+            diff = torch.addcmul(a1, a2, -lam)  # A1 - lambda A2 in one pass
             if self.keep_maps:
                 self.attn_maps = {"a1": a1.detach(), "a2": a2.detach(), "diff": diff.detach(),
                                   "lambda": lam.detach()}
             o = (self.attn_drop(diff) @ v.float()).to(x.dtype)
-        # the head-wise RMSNorm runs in fp32 (as the release does), also under bf16/fp16 autocast
-        o = self.diff_norm(o.float()).to(o.dtype) * (1.0 - self.lambda_init)
+        # the head-wise RMSNorm runs in fp32 (as the release does), also under bf16/fp16 autocast; the (1 - lambda_init)
+        # factor is folded into its (2d,) gain rather than applied as one more pass over the (B, h, N, 2d) output
+        gain = self.diff_norm.weight * (1.0 - self.lambda_init)
+        o = F.rms_norm(o.float(), self.diff_norm.normalized_shape, gain.float(), self.diff_norm.eps).to(o.dtype)
         o = o.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.out_proj(o))
 

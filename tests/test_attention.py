@@ -54,6 +54,22 @@ def test_fused_matches_exact_with_padding_mask(mode):
     torch.testing.assert_close(fused(x, attn_mask=keep)[1, :5], fused(x2, attn_mask=keep)[1, :5], atol=1e-6, rtol=0)
 
 
+def test_auto_mode_takes_the_exact_path_on_cpu_and_modes_are_checked():
+    torch.manual_seed(3)
+    auto, exact = _pair(DiffAttention(64, num_heads=8))
+    wide = copy.deepcopy(auto)
+    wide.fused_mode = "wide"
+    x = torch.randn(2, 9, 64)
+    assert auto.fused_mode == "auto"
+    assert torch.equal(auto(x, is_causal=True), exact(x, is_causal=True))  # bit-identical: the same computation
+    assert not torch.equal(wide(x, is_causal=True), exact(x, is_causal=True))  # SDPA rounds differently
+    with pytest.raises(ValueError, match="fused_mode must be one of"):
+        DiffAttention(64, num_heads=8, fused_mode="flash")
+    auto.fused_mode = "flash"
+    with pytest.raises(ValueError, match="fused_mode must be one of"):
+        auto(x)
+
+
 def test_exact_path_matches_the_paper_formula():
     torch.manual_seed(2)
     layer = DiffAttention(32, num_heads=4, lambda_init=0.5)
