@@ -94,8 +94,10 @@ def main() -> None:
         for layer in layers.values():  # warm-up
             step(layer, x, s["causal"])
         times = {k: [] for k in layers}
-        for _ in range(args.reps):
-            for k, layer in layers.items():
+        names = list(layers)
+        for r in range(args.reps):  # the order rotates each round: no candidate always follows the same one
+            for k in names[r % len(names):] + names[:r % len(names)]:
+                layer = layers[k]
                 if args.device == "cuda":
                     torch.cuda.synchronize()
                 t = time.perf_counter()

@@ -130,8 +130,9 @@ def run_suite(suite: str, batch: int, reps: int, device: str, memory: bool) -> d
     for k in models:  # warm-up (allocates the AdamW state)
         train_step(models[k], opts[k], loss_fn, images, texts)
     times = {k: [] for k in models}
-    for _ in range(reps):
-        for k in models:
+    names = list(models)
+    for r in range(reps):  # the order rotates each round: no model always follows the same one
+        for k in names[r % len(names):] + names[:r % len(names)]:
             if device == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
