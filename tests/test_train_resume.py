@@ -177,18 +177,18 @@ def test_find_latest_checkpoint(tmp_path):
 
 
 def test_torchcompile_run_matches_the_eager_run(runs, tmp_path):
-    """--torchcompile (inductor, CPU) trains the same model: its first epoch's losses follow the eager run's, and
+    """--torchcompile (inductor, CPU) trains the same model: its losses follow the eager run's step by step, and
     its checkpoint and exported weights carry the plain parameter names (no ``_orig_mod.`` prefix)."""
     shards, zs = runs["logs"].parent / "shards", runs["logs"].parent / "zeroshot"
-    done = subprocess.run(_cmd(shards, zs, tmp_path, "compiled", "--torchcompile", "--epochs", "1"), env=_env(),
+    done = subprocess.run(_cmd(shards, zs, tmp_path, "compiled", "--torchcompile"), env=_env(),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "compiling the model with torch.compile" in (tmp_path / "compiled" / "out.log").read_text()
     eager, compiled = _losses(runs["full"]), _losses(tmp_path / "compiled")
-    assert sorted(compiled) == list(range(1, 7))
+    assert sorted(compiled) == sorted(eager) == list(range(1, 13))
     for step in compiled:  # inductor fuses and reorders floating-point work: close, not bit-identical
-        assert compiled[step] == pytest.approx(eager[step], abs=2e-3), (step, compiled[step], eager[step])
+        assert compiled[step] == pytest.approx(eager[step], abs=1e-3), (step, compiled[step], eager[step])
     model = diffclip.create_model(MODEL, pretrained=str(tmp_path / "compiled" / "final_model"))
-    ckpt = diffclip.create_model(MODEL, pretrained=str(tmp_path / "compiled" / "checkpoints" / "epoch_1.pt"))
+    ckpt = diffclip.create_model(MODEL, pretrained=str(tmp_path / "compiled" / "checkpoints" / "epoch_2.pt"))
     for (k, a), (_, b) in zip(model.state_dict().items(), ckpt.state_dict().items()):
         assert torch.equal(a, b), k
