@@ -8,8 +8,8 @@ writes such shards). The pipeline is built from webdataset's pieces::
     -> wds.tarfile_to_samples (corrupt tar: skipped, logged, counted)
     -> sample check (image + caption; a shard with none fails fast, naming the keys it has)
     -> wds.shuffle (buffer seeded by seed, epoch, rank and worker)
-    -> wds.decode (PIL RGB; undecodable image: skipped, logged, counted) -> wds.to_tuple
-    -> skip to the resume position -> transform + tokenise (augmentation seeded per sample)
+    -> decode (PIL RGB; undecodable image: skipped, logged, counted) -> skip to the resume position
+    -> transform + tokenise (augmentation seeded per sample)
     -> a fixed number of whole batches' samples per worker -> wds.batched -> the caller's RNG states restored
 
 Determinism and resume: for a given seed and epoch, every rank sees a fixed sequence of batches whatever the
@@ -40,7 +40,7 @@ import multiprocessing
 import os
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import braceexpand
 import torch
@@ -220,6 +220,16 @@ def _seed(*parts) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+class _Sample(NamedTuple):
+    """A sample that has an image and a caption, still encoded (the shuffle buffer holds these)."""
+
+    key: str
+    url: str
+    pass_index: int
+    image: bytes
+    caption: bytes
+
+
 @dataclass
 class _Role:
     epoch: int
@@ -285,13 +295,9 @@ class _Plan:
                         str(exn).split(" @ ")[0][:200])
         return True
 
-    def on_sample_error(self, exn: Exception) -> bool:
+    def on_sample_error(self, exn: Exception, where: str) -> None:
         self.stats.add("samples_undecodable")
-        cause = exn.__cause__ or exn
-        where = f"{getattr(exn, 'key', '?')} in {getattr(exn, 'url', '?')}" if isinstance(
-            exn, wds.autodecode.DecodingError) else "a sample"
-        log.warning("skipping %s: %s: %s", where, type(cause).__name__, str(cause)[:200])
-        return True
+        log.warning("skipping %s: %s: %s", where, type(exn).__name__, str(exn)[:200])
 
 
 def _check_shard(progress: _Progress) -> None:
@@ -380,8 +386,8 @@ class _CheckSamples(wds.PipelineStage):
                 continue
             progress.shard_good += 1
             progress.good_since_check += 1
-            yield {"__key__": sample["__key__"], "__url__": sample["__url__"], "__pass__": progress.pass_index,
-                   image_key: sample[image_key], CAPTION_EXTENSION: sample[CAPTION_EXTENSION]}
+            yield _Sample(sample["__key__"], sample["__url__"], progress.pass_index, sample[image_key],
+                          sample[CAPTION_EXTENSION])
 
 
 class _Shuffle(wds.PipelineStage):
@@ -395,13 +401,15 @@ class _Shuffle(wds.PipelineStage):
         r = self.plan.role()
         rng = random.Random(_seed(self.plan.seed, r.epoch, "samples", r.rank, r.role))
         shuffle = wds.shuffle(self.plan.shuffle_buffer, min(self.initial, self.plan.shuffle_buffer), rng=rng)
-        for _, one_pass in itertools.groupby(src, key=lambda sample: sample["__pass__"]):
+        for _, one_pass in itertools.groupby(src, key=lambda sample: sample.pass_index):
             yield from shuffle(one_pass)
 
 
 class _Prepare(wds.PipelineStage):
-    """Skips this role's batches before the resume position, then transforms and tokenises each sample with
-    the global torch and Python RNGs seeded per sample (see :class:`_KeepCallerRng` for the caller's streams)."""
+    """Decodes each sample (an undecodable image is skipped, logged and counted), skips this role's batches before
+    the resume position, then transforms and tokenises with the global torch and Python RNGs seeded per sample
+    (see :class:`_KeepCallerRng` for the caller's streams). Positions count decodable samples, and skipped
+    ones are still decoded, so an undecodable image shifts nothing on resume."""
 
     def __init__(self, plan: _Plan):
         self.plan = plan
@@ -411,7 +419,14 @@ class _Prepare(wds.PipelineStage):
         r = plan.role()
         to_skip = r.batches_done * plan.batch_size if plan.is_train else 0
         base = _seed(plan.seed, r.epoch, "augment", r.rank, r.role)
-        for position, (image, text) in enumerate(src):
+        position = -1
+        for sample in src:
+            try:
+                image = _decode_image(sample.image)
+            except Exception as exn:
+                plan.on_sample_error(exn, f"{sample.key} in {sample.url}")
+                continue
+            position += 1
             if position < to_skip:
                 continue
             try:
@@ -420,9 +435,9 @@ class _Prepare(wds.PipelineStage):
                     torch.random.default_generator.manual_seed(sample_seed)  # CPU only: transforms run there
                     random.seed(sample_seed)
                 image = plan.preprocess(image)
-                tokens = plan.tokenizer([str(text).strip()])[0]
+                tokens = plan.tokenizer([sample.caption.decode("utf-8").strip()])[0]
             except Exception as exn:
-                plan.on_sample_error(exn)
+                plan.on_sample_error(exn, f"{sample.key} in {sample.url}")
                 continue
             yield image, tokens
 
@@ -469,11 +484,9 @@ class _Budget(wds.PipelineStage):
                 return
 
 
-def _decode_image(key: str, data: bytes):
-    """wds.decode handler: image extensions -> PIL RGB image (decoded in full, so a broken file fails here);
-    like ``wds.decode("pil")`` with one conversion instead of two."""
-    if key.rsplit(".", 1)[-1].lower() not in IMAGE_EXTENSIONS:
-        return None
+def _decode_image(data: bytes) -> Image.Image:
+    """Encoded image -> PIL RGB image, decoded in full (so a broken file fails here), as ``wds.decode("pil")``
+    does but with one conversion instead of two."""
     with io.BytesIO(data) as stream:
         image = Image.open(stream)
         image.load()
@@ -584,8 +597,6 @@ def get_wds_loader(urls, preprocess, tokenizer, *, batch_size: int, num_samples:
     if is_train:
         stages.append(_Shuffle(plan, initial=max(1, shuffle_buffer // 4)))
     stages += [
-        wds.decode(_decode_image, handler=plan.on_sample_error),
-        wds.to_tuple(";".join(IMAGE_EXTENSIONS), CAPTION_EXTENSION),
         _Prepare(plan),
     ]
     if is_train:
