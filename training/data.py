@@ -371,8 +371,8 @@ class _ResampledSource(wds.ResampledShards):
 
 
 class _CheckSamples(wds.PipelineStage):
-    """Keeps samples with an image and a caption (one image field, the caption, the key, the URL and the pass),
-    counts the others, and records how many each shard had for the fail-fast check of the shard source."""
+    """Keeps samples with an image and a caption, as :class:`_Sample` records (key, URL, pass, the encoded image
+    and caption), counts the others, and records how many each shard had for the shard source's fail-fast check."""
 
     def __init__(self, plan: _Plan):
         self.plan = plan
