@@ -79,33 +79,57 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
+def _process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (from /proc): torchrun starts each rank in a session of its own, so killing
+    torchrun's process group would leave the ranks running."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    return tree
+
+
+def run_killed_and_resumed(cmd, logs: Path, kill_after_step: int, wait: float = 240, timeout: float = 300) -> dict:
+    """Runs ``cmd(name, *extra)`` uninterrupted ("full") and, side by side, a run ("killed") that is killed with
+    SIGKILL (with every process it started) once ``step_{kill_after_step}.pt`` exists, then continued with
+    ``--resume latest``. ``wait``: seconds for the checkpoint to appear; ``timeout``: for each run to finish.
+    Returns the run folders, the losses logged before the kill and the resumed run's stderr."""
+    full = subprocess.Popen(cmd("full"), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = subprocess.Popen(cmd("killed"), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = logs / "killed" / "checkpoints" / f"step_{kill_after_step}.pt"
+    deadline = time.time() + wait
+    while not target.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    alive = killed.poll() is None
+    for pid in _process_tree(killed.pid):  # the run and all its processes, at once
+        os.kill(pid, signal.SIGKILL)
+    killed.wait()
+    assert alive, "the run ended before it could be killed"
+    assert target.exists(), "no mid-epoch checkpoint was written"
+    before_kill = _losses(logs / "killed")
+    _, err = full.communicate(timeout=timeout)
+    assert full.returncode == 0, err[-3000:]
+    resumed = subprocess.run(cmd("killed", "--resume", "latest"), env=_env(), capture_output=True, text=True,
+                             timeout=timeout)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return {"logs": logs, "full": logs / "full", "killed": logs / "killed", "before_kill": before_kill,
+            "resumed_stderr": resumed.stderr}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     shards, zs = _write_sources(root)
     logs = root / "logs"
-    # the uninterrupted run and the run to be killed go side by side
-    full = subprocess.Popen(_cmd(shards, zs, logs, "full"), env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    killed = subprocess.Popen(_cmd(shards, zs, logs, "killed"), env=_env(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    target = logs / "killed" / "checkpoints" / f"step_{KILL_AFTER_STEP}.pt"
-    deadline = time.time() + 240
-    while not target.exists() and killed.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    alive = killed.poll() is None
-    os.killpg(killed.pid, signal.SIGKILL)
-    killed.wait()
-    assert alive, "the run ended before it could be killed"
-    assert target.exists(), "no mid-epoch checkpoint was written"
-    logged_before_kill = _losses(logs / "killed")
-    _, err = full.communicate(timeout=300)
-    assert full.returncode == 0, err[-3000:]
-    resumed = subprocess.run(_cmd(shards, zs, logs, "killed", "--resume", "latest"), env=_env(),
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    return {"logs": logs, "full": logs / "full", "killed": logs / "killed", "before_kill": logged_before_kill,
-            "resumed_stderr": resumed.stderr}
+    return run_killed_and_resumed(lambda name, *extra: _cmd(shards, zs, logs, name, *extra), logs, KILL_AFTER_STEP)
 
 
 def test_killed_and_resumed_run_has_the_same_losses(runs):
