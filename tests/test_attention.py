@@ -93,15 +93,15 @@ def test_exact_path_matches_the_paper_formula():
 
 def test_causal_mask_later_tokens_do_not_change_earlier_outputs():
     torch.manual_seed(3)
-    for layer in (DiffAttention(32, num_heads=4), Attention(32, num_heads=4)):
-        for fused in (True, False):
-            layer.fused = fused
-            x = torch.randn(2, 9, 32)
-            x2 = x.clone()
-            x2[:, 6:] += torch.randn(2, 3, 32)
-            y, y2 = layer(x, is_causal=True), layer(x2, is_causal=True)
-            torch.testing.assert_close(y[:, :6], y2[:, :6], atol=1e-6, rtol=0)
-            assert not torch.allclose(y[:, 6:], y2[:, 6:])
+    wide, split, exact = (DiffAttention(32, num_heads=4, fused_mode=m) for m in ("wide", "split", "maps"))
+    std_fused, std_exact = Attention(32, num_heads=4), Attention(32, num_heads=4, fused=False)
+    for layer in (wide, split, exact, std_fused, std_exact):  # every path, SDPA's causal one included
+        x = torch.randn(2, 9, 32)
+        x2 = x.clone()
+        x2[:, 6:] += torch.randn(2, 3, 32)
+        y, y2 = layer(x, is_causal=True), layer(x2, is_causal=True)
+        torch.testing.assert_close(y[:, :6], y2[:, :6], atol=1e-6, rtol=0)
+        assert not torch.allclose(y[:, 6:], y2[:, 6:])
 
 
 def test_lambda_init_schedule_values():
