@@ -26,11 +26,11 @@ import time
 from pathlib import Path
 
 import torch
+from diffclip.training import make_shards
+from diffclip.training.data import get_wds_loader
 from PIL import Image
 
 import diffclip
-from training import make_shards
-from training.data import get_wds_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 EMOJI = ROOT / "data" / "sources" / "emoji-datasource-google"

@@ -26,17 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffclip.eval import readers
+from diffclip.eval.common import default_workers, make_loader
 from PIL import Image
 
-# this file is named eval.py: keep its folder off sys.path so that "eval" is the project's package
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-
-import diffclip  # noqa: E402
-from diffclip.zero_shot import build_zero_shot_classifier, zero_shot_logits  # noqa: E402
-from eval import readers  # noqa: E402
-from eval.common import default_workers, make_loader  # noqa: E402
+import diffclip
+from diffclip.zero_shot import build_zero_shot_classifier, zero_shot_logits
 
 PHOTOS = ("astronaut", "cat", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
 

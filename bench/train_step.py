@@ -30,11 +30,11 @@ import time
 import open_clip
 import torch
 import torch.nn.functional as F
+from diffclip.training.train import param_groups
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
 import diffclip
 from diffclip.loss import ClipLoss
-from training.train import param_groups
 
 
 def open_clip_tiny() -> torch.nn.Module:

@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", choices=("all", "cls", "mean"), default="all", help="what a layer's representation is")
     p.add_argument("--output", required=True, help="PNG path (a JSON is written beside it)")
     args = p.parse_args(argv)
-    from eval.finetune import UsageError, eval_transform, load_vit
-    from eval.readers import build_dataset
+    from diffclip.eval.finetune import UsageError, eval_transform, load_vit
+    from diffclip.eval.readers import build_dataset
 
     try:
         if args.num_images < 2:

@@ -330,7 +330,7 @@ def build_transforms(args: argparse.Namespace, data_cfg: dict):
 
 def build_datasets(args: argparse.Namespace, train_tf=None, eval_tf=None):
     """(train, eval) datasets through ``eval.readers.build_dataset``; errors become one-line UsageErrors."""
-    from eval.readers import build_dataset
+    from diffclip.eval.readers import build_dataset
 
     out = []
     for split, tf, subset in ((args.train_split, train_tf, args.train_subset), (args.eval_split, eval_tf, args.eval_subset)):

@@ -35,10 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from diffclip.metrics import classification_metrics
-from eval import readers
-from eval.common import (
+from diffclip.eval import readers
+from diffclip.eval.common import (
     add_model_args,
     autocast_factory,
     cache_key,
@@ -55,6 +53,8 @@ from eval.common import (
     setup_logging,
     write_json_atomic,
 )
+
+from diffclip.metrics import classification_metrics
 
 log = logging.getLogger("diffclip.eval")
 TASK = "linear_probe"

@@ -17,10 +17,8 @@ import logging
 import time
 
 import torch
-
-from diffclip.metrics import retrieval_metrics
-from eval import readers
-from eval.common import (
+from diffclip.eval import readers
+from diffclip.eval.common import (
     add_model_args,
     autocast_factory,
     encode_texts,
@@ -36,6 +34,8 @@ from eval.common import (
     setup_logging,
     write_json_atomic,
 )
+
+from diffclip.metrics import retrieval_metrics
 
 log = logging.getLogger("diffclip.eval")
 TASK = "zeroshot_retrieval"

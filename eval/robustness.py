@@ -18,10 +18,8 @@ import json
 import logging
 
 import torch
-
-from diffclip.zero_shot import build_zero_shot_classifier, format_prompts
-from eval import readers
-from eval.common import (
+from diffclip.eval import readers
+from diffclip.eval.common import (
     add_model_args,
     autocast_factory,
     limit,
@@ -35,8 +33,10 @@ from eval.common import (
     write_json_atomic,
     write_text_atomic,
 )
-from eval.zeroshot import TASK
-from eval.zeroshot import evaluate as zeroshot_evaluate
+from diffclip.eval.zeroshot import TASK
+from diffclip.eval.zeroshot import evaluate as zeroshot_evaluate
+
+from diffclip.zero_shot import build_zero_shot_classifier, format_prompts
 
 log = logging.getLogger("diffclip.eval")
 DEFAULT_SHIFTS = ("imagenet-v2", "imagenet-a", "imagenet-r", "imagenet-sketch")

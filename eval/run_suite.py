@@ -28,10 +28,8 @@ import logging
 from pathlib import Path
 
 import torch
-
-from diffclip.zero_shot import build_zero_shot_classifier
-from eval import linear_probe, readers, retrieval, zeroshot
-from eval.common import (
+from diffclip.eval import linear_probe, readers, retrieval, zeroshot
+from diffclip.eval.common import (
     PRECISIONS,
     autocast_factory,
     default_workers,
@@ -46,6 +44,8 @@ from eval.common import (
     write_json_atomic,
     write_text_atomic,
 )
+
+from diffclip.zero_shot import build_zero_shot_classifier
 
 log = logging.getLogger("diffclip.eval")
 SHIFTS = ("imagenet-v2", "imagenet-a", "imagenet-r", "imagenet-sketch")

@@ -183,7 +183,7 @@ def _load_image(args, data_cfg):
         if not Path(args.image).is_file():
             raise ValueError(f"--image {args.image} does not exist")
         return Image.open(args.image).convert("RGB"), None, args.image
-    from eval.readers import build_dataset
+    from diffclip.eval.readers import build_dataset
 
     try:
         ds = build_dataset(args.dataset, args.data_root, args.split, None)
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, nargs="+", default=None, help="head indices (default 0)")
     p.add_argument("--output", required=True, help="PNG path (a JSON is written beside it)")
     args = p.parse_args(argv)
-    from eval.finetune import UsageError, eval_transform, load_vit
+    from diffclip.eval.finetune import UsageError, eval_transform, load_vit
 
     try:
         model, data_cfg, label = load_vit(args.checkpoint)

@@ -17,12 +17,8 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-
-from diffclip.metrics import classification_metrics
-from diffclip.zero_shot import build_zero_shot_classifier, zero_shot_predict
-from eval import readers
-from eval.common import (
+from diffclip.eval import readers
+from diffclip.eval.common import (
     add_model_args,
     autocast_factory,
     limit,
@@ -36,6 +32,10 @@ from eval.common import (
     setup_logging,
     write_json_atomic,
 )
+from safetensors.torch import load_file, save_file
+
+from diffclip.metrics import classification_metrics
+from diffclip.zero_shot import build_zero_shot_classifier, zero_shot_predict
 
 log = logging.getLogger("diffclip.eval")
 TASK = "zeroshot_classification"

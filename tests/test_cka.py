@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import timm
 import torch
+from diffclip.eval.cka import cka_matrix, layer_grams, linear_cka, main
 
 import diffclip  # noqa: F401
-from eval.cka import cka_matrix, layer_grams, linear_cka, main
 
 
 def test_linear_cka_properties():

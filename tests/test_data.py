@@ -12,11 +12,11 @@ import pytest
 import skimage.data
 import torch
 import webdataset as wds
+from diffclip.training import make_shards
+from diffclip.training.data import DataInfo, SkipStats, expand_urls, get_dataset_size, get_wds_loader
 from PIL import Image
 
 import diffclip
-from training import make_shards
-from training.data import DataInfo, SkipStats, expand_urls, get_dataset_size, get_wds_loader
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "immunohistochemistry", "cat"]
 N_SHARDS, PER_SHARD = 4, 6

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffclip.training.train import forward_backward
 
 import diffclip
 from diffclip.loss import ClipLoss, SigLipLoss
-from training.train import forward_backward
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
@@ -34,8 +34,8 @@ WORKER = textwrap.dedent("""
     import torch
     import diffclip
     from diffclip.loss import ClipLoss, SigLipLoss
-    from training.distributed import all_reduce_mean, cleanup, init_distributed
-    from training.train import forward_backward, sync_loss_grads
+    from diffclip.training.distributed import all_reduce_mean, cleanup, init_distributed
+    from diffclip.training.train import forward_backward, sync_loss_grads
 
     sys.path.insert(0, sys.argv[2])
     from test_ddp import VARIANTS, GLOBAL_BATCH, make_batch
@@ -122,7 +122,7 @@ def test_local_loss_without_gather_with_grad_is_approximate(ddp_results):
 
 def test_world_info_from_slurm_variables(monkeypatch):
     """Under srun (no torchrun variables) SLURM's task ids become RANK/LOCAL_RANK/WORLD_SIZE."""
-    from training.distributed import world_info_from_env
+    from diffclip.training.distributed import world_info_from_env
 
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.setenv(var, "")  # recorded, so that what world_info_from_env sets is undone after the test

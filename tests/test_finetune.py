@@ -54,7 +54,7 @@ def test_one_epoch_end_to_end_then_resume(digits_folder, tmp_path):
     assert [json.loads(x)["epoch"] for x in first] == [1]
 
     # resume: the same run asked for 2 epochs continues at epoch 2 from last.pt
-    from eval.finetune import main
+    from diffclip.eval.finetune import main
 
     before = torch.load(out / "last.pt", weights_only=True)
     assert main(_argv(digits_folder, out, 2) + ["--resume", "--cache"]) == 0
@@ -73,8 +73,9 @@ def test_one_epoch_end_to_end_then_resume(digits_folder, tmp_path):
 
 
 def test_init_from_diffclip_tower_copies_weights(tmp_path):
+    from diffclip.eval.finetune import build_model, parse_args
+
     import diffclip
-    from eval.finetune import build_model, parse_args
 
     clip = diffclip.create_model("DiffCLIP-Tiny-64")
     clip.save_pretrained(tmp_path / "ckpt")
@@ -96,8 +97,7 @@ def test_init_from_diffclip_tower_copies_weights(tmp_path):
 
 def test_init_from_timm_checkpoint_keeps_fresh_head(tmp_path):
     import timm
-
-    from eval.finetune import build_model, parse_args
+    from diffclip.eval.finetune import build_model, parse_args
 
     src = timm.create_model("diff_vit_nano_patch4_28", num_classes=3, embed_dim=32, depth=2)
     torch.save({"state_dict": {"module." + k: v for k, v in src.state_dict().items()}}, tmp_path / "w.pth")
@@ -121,7 +121,7 @@ def test_init_from_timm_checkpoint_keeps_fresh_head(tmp_path):
     ("--num-heads", "3", "cannot build"),
 ])
 def test_bad_input_one_line_error(digits_folder, tmp_path, capsys, flag, value, message):
-    from eval.finetune import main
+    from diffclip.eval.finetune import main
 
     argv = _argv(digits_folder, tmp_path / "bad", 1)
     if flag in argv:
@@ -134,7 +134,7 @@ def test_bad_input_one_line_error(digits_folder, tmp_path, capsys, flag, value, 
 
 
 def test_bad_dataset_name(digits_folder, tmp_path, capsys):
-    from eval.finetune import main
+    from diffclip.eval.finetune import main
 
     argv = _argv(digits_folder, tmp_path / "bad", 1)
     argv[argv.index("folder")] = "no-such-dataset"
@@ -144,7 +144,7 @@ def test_bad_dataset_name(digits_folder, tmp_path, capsys):
 
 def test_compare_table(tmp_path, capsys):
     """compare.py reads finished runs' results.json and tabulates mean ± std per model."""
-    from eval.compare import main, plan_runs
+    from diffclip.eval.compare import main, plan_runs
 
     cfg = {"name": "t", "seeds": [0, 1], "common": {"dataset": "folder", "data-root": str(tmp_path)},
            "models": [{"label": "DiffViT", "attn": "diff", "reference": 87.26,
@@ -166,7 +166,7 @@ def test_compare_table(tmp_path, capsys):
 
 
 def test_configs_are_valid():
-    from eval.compare import load_config
+    from diffclip.eval.compare import load_config
 
     configs = sorted((ROOT / "eval" / "configs").glob("*.json"))
     assert configs

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from diffclip.training.train import cosine_lr, param_groups
 
 import diffclip
 from diffclip.loss import MAX_LOGIT_SCALE, ClipLoss, SigLipLoss, _ScaleGrad, clamp_logit_scale
-from training.train import cosine_lr, param_groups
 
 
 def _features(n=6, d=16, seed=0):

@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import skimage.data
+from diffclip.training import make_shards as ms
 from PIL import Image
-
-from training import make_shards as ms
 
 ROOT = Path(__file__).resolve().parents[1]
 EMOJI_DIR = ROOT / "data" / "sources" / "emoji-datasource-google"
@@ -22,7 +21,7 @@ PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "coins"]
 
 
 def _run_cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "training.make_shards", *args, "--no-progress"], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "diffclip.training.make_shards", *args, "--no-progress"], cwd=cwd,
                           capture_output=True, text=True, timeout=120)
 
 

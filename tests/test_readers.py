@@ -9,11 +9,10 @@ import tarfile
 
 import numpy as np
 import pytest
+from diffclip.eval import readers
+from diffclip.eval.readers import DatasetNotFoundError, build_dataset, build_retrieval_dataset
 from PIL import Image
 from sklearn.datasets import load_digits
-
-from eval import readers
-from eval.readers import DatasetNotFoundError, build_dataset, build_retrieval_dataset
 
 DIGITS = load_digits()
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from diffclip.training.train import forward_backward
 
 import diffclip
 from diffclip.loss import ClipLoss, SigLipLoss
-from training.train import forward_backward
 
 
 def _batch(n, seed=0, ctx=32, image_size=64):

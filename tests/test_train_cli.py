@@ -58,7 +58,7 @@ def results(tmp_path_factory):
 
 
 def _in_process(argv, capsys):
-    from training.main import main
+    from diffclip.training.main import main
     try:
         code = main(argv)
     except SystemExit as e:

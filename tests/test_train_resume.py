@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import skimage.data
 import torch
+from diffclip.training import make_shards
 from PIL import Image
 
 import diffclip
-from training import make_shards
 
 MAIN = Path(__file__).resolve().parents[1] / "training" / "main.py"
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "coins"]
@@ -186,7 +186,7 @@ def test_exported_weights_load_and_match_the_checkpoint(runs):
 
 
 def test_find_latest_checkpoint(tmp_path):
-    from training.checkpoint import checkpoint_step, find_latest
+    from diffclip.training.checkpoint import checkpoint_step, find_latest
 
     assert find_latest(tmp_path / "none", 10) is None
     for name in ("epoch_1.pt", "step_15.pt", "step_20.pt.tmp", "epoch_2.pt", "step_7.pt", "notes.txt"):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import timm
 import torch
+from diffclip.eval.visualize import attention_maps, class_token_maps, lambdas, main
 
 import diffclip  # noqa: F401  (registers the models)
-from eval.visualize import attention_maps, class_token_maps, lambdas, main
 
 
 def _model(attn: str):

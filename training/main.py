@@ -25,14 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
-
-import diffclip
-from diffclip.loss import ClipLoss, SigLipLoss
-from training.checkpoint import find_latest, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from training.distributed import DistInfo, barrier, cleanup, init_distributed
-from training.params import parse_args
-from training.train import (
+from diffclip.training.checkpoint import find_latest, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from diffclip.training.distributed import DistInfo, barrier, cleanup, init_distributed
+from diffclip.training.params import parse_args
+from diffclip.training.train import (
     TrainState,
     const_lr,
     cosine_lr,
@@ -43,6 +39,10 @@ from training.train import (
     train_one_epoch,
     unwrap_model,
 )
+from tqdm import tqdm
+
+import diffclip
+from diffclip.loss import ClipLoss, SigLipLoss
 
 log = logging.getLogger("train")
 
@@ -125,7 +125,7 @@ def _sum_over_ranks(d: dict, info: DistInfo) -> dict:
 def build_data(args, info: DistInfo, preprocess_train, tokenizer):
     """Checks the training shards and returns ``make_loader(epoch, skip_batches) -> DataInfo``."""
     try:
-        from training.data import expand_urls, get_wds_loader
+        from diffclip.training.data import expand_urls, get_wds_loader
     except ImportError as e:
         raise CLIError(f"the data module is missing ({e})") from None
     urls, weights = expand_urls(args.train_data, args.train_data_upsampling_factors)
@@ -144,7 +144,7 @@ def build_data(args, info: DistInfo, preprocess_train, tokenizer):
 
 
 def build_val(args, preprocess_val, tokenizer):
-    from training.data import expand_urls, get_wds_loader
+    from diffclip.training.data import expand_urls, get_wds_loader
     urls, _ = expand_urls(args.val_data)
     missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
     if missing:
@@ -188,7 +188,7 @@ def run(args) -> int:
         make_val = build_val(args, preprocess_val, tokenizer) if args.val_data else None
         zs = None
         if args.zeroshot_data:
-            from training.zero_shot_eval import load_zeroshot_set
+            from diffclip.training.zero_shot_eval import load_zeroshot_set
             zs = load_zeroshot_set(args.zeroshot_data, preprocess_val)
         data = make_loader(0)  # one loader for the whole run (persistent workers); set_epoch selects the epoch
     except (FileNotFoundError, ValueError) as e:
@@ -339,7 +339,7 @@ def run(args) -> int:
             plain = unwrap_model(ddp_model)
             if zs is not None and args.zeroshot_frequency and (done % args.zeroshot_frequency == 0
                                                                or done == args.epochs):
-                from training.zero_shot_eval import run_zeroshot
+                from diffclip.training.zero_shot_eval import run_zeroshot
                 metrics = run_zeroshot(plain, tokenizer, zs, info.device, eval_autocast,
                                        batch_size=args.batch_size, workers=min(args.workers, 2))
                 log.info("epoch %d zero-shot %s: %s", epoch, zs.name,

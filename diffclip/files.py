@@ -1,0 +1,85 @@
+"""Writing files so that an interrupted program never leaves half a file: the one atomic writer of diffclip.
+
+Every output is written to a temporary name in the destination folder and renamed over the destination
+(``os.replace``, atomic on POSIX), with the mode any other new file would get (0644 under the usual umask).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
+    """Opens a temporary file beside ``path`` (``mode`` ``"w"`` text or ``"wb"`` binary); on a clean exit of the
+    ``with`` block it is flushed, fsynced and renamed over ``path``; on an exception it is removed and ``path`` is
+    untouched. Parent folders are created. Raises OSError when the folder cannot be written."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, _umask_mode())
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes ``text`` to ``path`` atomically."""
+    with atomic_write(path) as f:
+        f.write(text)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes ``data`` to ``path`` atomically."""
+    with atomic_write(path, "wb") as f:
+        f.write(data)
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
+    """Writes ``obj`` as JSON (indented, with a final newline) to ``path`` atomically."""
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=indent)
+        f.write("\n")
+
+
+def save_torch(path: str | os.PathLike, obj: Any) -> None:
+    """``torch.save(obj)`` to ``path`` atomically."""
+    import torch
+
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def check_writable(path: str | os.PathLike, what: str) -> Path:
+    """Checks, before any work, that the file ``path`` can be written later: not a folder, and its nearest
+    existing parent folder writable. Returns the path; raises ValueError naming ``what`` (e.g. ``--output``)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path}: is a folder; expected a file name")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: folder {parent} is not writable")
+    return path

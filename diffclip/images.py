@@ -1,0 +1,45 @@
+"""Image files to RGB PIL images: the one place that decides how transparency and palettes become RGB."""
+
+from __future__ import annotations
+
+import os
+
+from PIL import Image
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] | None = None) -> Image.Image:
+    """``img`` as an RGB image. Transparent images (an alpha band, or a palette with a transparent index) are
+    composited over ``background`` (an RGB triple, e.g. white for drawings and emoji) when it is given;
+    otherwise their alpha is dropped, as ``Image.convert("RGB")`` does."""
+    if background is not None and (img.mode in _ALPHA_MODES or (img.mode == "P" and "transparency" in img.info)):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        canvas.alpha_composite(rgba)
+        return canvas.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def load_image(path: str | os.PathLike, background: tuple[int, int, int] | None = None) -> Image.Image:
+    """Opens and decodes an image file as RGB (see :func:`to_rgb`). Raises OSError (PIL's
+    ``UnidentifiedImageError`` is one) when the file is missing or cannot be decoded."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    return to_rgb(img, background)
+
+
+class ToMode:
+    """A picklable transform: PIL image -> ``mode`` (``"L"`` for one-channel models, ``"RGB"`` for three)."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if self.mode == "RGB":
+            return to_rgb(img)
+        return img if img.mode == self.mode else img.convert(self.mode)
+
+    def __repr__(self) -> str:
+        return f"ToMode({self.mode!r})"

@@ -1,0 +1,121 @@
+"""How a program runs: the device, the numeric precision and the seeds, one vocabulary for every diffclip program.
+
+Precision names and meanings are open_clip's (``open_clip_train/precision.py`` and ``open_clip.factory``):
+
+========== ======================= =============================================== ============
+name       weights                 autocast                                        input dtype
+========== ======================= =============================================== ============
+fp32       fp32                    none                                            fp32
+amp        fp32                    device default (fp16 on CUDA, bf16 on CPU)      fp32
+amp_bf16   fp32                    bf16                                            fp32
+amp_fp16   fp32                    fp16                                            fp32
+bf16       bf16, norms kept fp32   none                                            bf16
+fp16       fp16, norms kept fp32   none                                            fp16
+pure_bf16  all bf16                none                                            bf16
+pure_fp16  all fp16                none                                            fp16
+========== ======================= =============================================== ============
+
+A gradient scaler is used where the autocast dtype is fp16 (``amp`` on CUDA, ``amp_fp16``), as open_clip does for
+``amp``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import random
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+PRECISIONS = ("fp32", "amp", "amp_bf16", "amp_fp16", "bf16", "fp16", "pure_bf16", "pure_fp16")
+PRECISION_HELP = ("fp32; amp (autocast: fp16 on CUDA, bf16 on CPU), amp_bf16, amp_fp16 (autocast in that dtype); "
+                  "bf16/fp16 (low-precision weights, norms in fp32); pure_bf16/pure_fp16 (every weight cast) "
+                  "- open_clip's names and meanings")
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+
+
+def _check(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+
+
+def autocast_dtype(precision: str, device_type: str = "cuda") -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``device_type`` (None: no autocast). Raises ValueError if unknown."""
+    _check(precision)
+    if precision == "amp":
+        return torch.float16 if device_type == "cuda" else torch.bfloat16
+    return {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(precision)
+
+
+def get_autocast(precision: str, device_type: str = "cuda") -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the autocast context of ``precision`` (``contextlib.nullcontext`` where there is none), as
+    open_clip's ``get_autocast``. Raises ValueError for an unknown precision."""
+    dtype = autocast_dtype(precision, device_type)
+    if dtype is None:
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device_type=device_type, dtype=dtype)
+
+
+def get_input_dtype(precision: str) -> torch.dtype | None:
+    """The dtype inputs are cast to (None: leave them fp32), as open_clip's ``get_input_dtype``."""
+    _check(precision)
+    if precision in ("bf16", "pure_bf16"):
+        return torch.bfloat16
+    if precision in ("fp16", "pure_fp16"):
+        return torch.float16
+    return None
+
+
+def needs_grad_scaler(precision: str, device_type: str) -> bool:
+    """True where the autocast dtype is fp16 (loss scaling against gradient underflow)."""
+    return autocast_dtype(precision, device_type) == torch.float16
+
+
+def cast_model(model: nn.Module, precision: str) -> nn.Module:
+    """Casts ``model``'s weights in place for ``precision`` and returns it: ``bf16``/``fp16`` cast every weight
+    but the normalisation layers' (LayerNorm, GroupNorm, RMSNorm stay fp32, as open_clip keeps them),
+    ``pure_*`` cast everything; the other precisions leave the weights fp32."""
+    dtype = get_input_dtype(precision)
+    if dtype is None:
+        return model
+    model.to(dtype)
+    if not precision.startswith("pure_"):
+        for m in model.modules():
+            if isinstance(m, _NORMS):
+                m.float()
+    return model
+
+
+def resolve_device(name: str | None = "auto") -> torch.device:
+    """``auto``/None -> cuda when available, else mps when available, else cpu; otherwise the named device.
+
+    Raises ValueError (one line, naming the device) for an unknown name or a device this machine lacks."""
+    if name in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"--device {name}: MPS is not available on this machine")
+    return device
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seeds Python's, numpy's and torch's global generators with ``seed + rank`` (numpy's modulo 2**32)."""
+    s = seed + rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
