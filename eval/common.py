@@ -1,5 +1,6 @@
-"""Pieces shared by the evaluation programs: model/device/precision flags, data loaders, feature extraction,
-CLIP_benchmark result records, atomic JSON writing and the one-line error exit."""
+"""Pieces shared by the evaluation programs: the model/device/precision flags, model loading, data loaders,
+feature extraction and CLIP_benchmark result records. Errors, logging, precision and atomic writes are the shared
+layer's (:mod:`diffclip.cli`, :mod:`diffclip.runtime`, :mod:`diffclip.files`)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,7 @@ import hashlib
 import json
 import logging
 import os
-import pickle
-import random
 import sys
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from diffclip.cli import nonneg_int, positive_int
+from diffclip.runtime import PRECISION_HELP, PRECISIONS, cast_model, get_input_dtype
+
 log = logging.getLogger("diffclip.eval")
-
-PRECISIONS = ("fp32", "amp", "amp_bf16", "amp_fp16", "bf16", "fp16")
-#: errors that end a CLI with one line instead of a traceback
-USER_ERRORS = (FileNotFoundError, ValueError, RuntimeError, ConnectionError, pickle.UnpicklingError, KeyError)
-
 
 def default_workers() -> int:
     """Data-loading worker processes by default: one per CPU core, at most 8."""
@@ -40,56 +35,23 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weights: a release tag (cc3m, cc12m), hf-hub:org/repo[/file], a directory with "
                         "model.safetensors, a checkpoint file (ours, the authors' checkpoint_best.pt, open_clip); "
                         "omit for random init")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="fp32; amp / amp_bf16 / amp_fp16 (autocast; amp = fp16 on cuda, bf16 elsewhere); "
-                        "bf16 / fp16 (weights cast)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=default_workers(),
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else mps, else cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help=PRECISION_HELP)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--workers", type=nonneg_int, default=default_workers(),
                    help="data-loading processes (default: %(default)s = CPU cores, at most 8)")
-    p.add_argument("--max-samples", type=int, default=None,
+    p.add_argument("--max-samples", type=positive_int, default=None,
                    help="evaluate on at most N samples per split, evenly spaced over the dataset (quick runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> cuda when available, else mps when available, else cpu."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
-
-
-def autocast_factory(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    """A context-manager factory for ``precision`` (nullcontext for fp32 and the cast-weight modes)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
-    if not precision.startswith("amp"):
-        return contextlib.nullcontext
-    if precision == "amp":
-        dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    else:
-        dtype = torch.bfloat16 if precision == "amp_bf16" else torch.float16
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def set_seed(seed: int = 0) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def load_model(name: str, pretrained: str | None, device: torch.device, precision: str = "fp32"):
-    """``(model, preprocess_val, tokenizer)`` in eval mode on ``device`` (weights cast for bf16/fp16)."""
+    """``(model, preprocess_val, tokenizer)`` in eval mode on ``device``, weights cast for ``precision``
+    (:func:`diffclip.runtime.cast_model`). Raises what :func:`diffclip.create_model_and_transforms` raises."""
     import diffclip
     model, _, preprocess = diffclip.create_model_and_transforms(name, pretrained=pretrained or None)
-    model = model.to(device).eval()
-    if precision in ("bf16", "fp16"):
-        model = model.to(torch.bfloat16 if precision == "bf16" else torch.float16)
+    model = cast_model(model.to(device).eval(), precision)
     return model, preprocess, diffclip.get_tokenizer(name)
 
 
@@ -104,9 +66,9 @@ class _CastImages:
 
 
 def model_transform(preprocess, precision: str):
-    if precision in ("bf16", "fp16"):
-        return _CastImages(preprocess, torch.bfloat16 if precision == "bf16" else torch.float16)
-    return preprocess
+    """``preprocess``, casting its output to the input dtype of ``precision`` where that is not fp32."""
+    dtype = get_input_dtype(precision)
+    return preprocess if dtype is None else _CastImages(preprocess, dtype)
 
 
 def limit(dataset: Dataset, max_samples: int | None) -> Dataset:
@@ -177,31 +139,6 @@ def result_record(dataset: str, model: str, pretrained: str | None, task: str, m
             "metrics": metrics, "language": language, **extra}
 
 
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Writes ``obj`` as JSON to a temporary file in the same folder, then renames it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def pretrained_fingerprint(pretrained: str | None) -> str:
     """Identifies weights for cache keys: the argument, plus size and mtime when it names a local file/dir."""
     if not pretrained:
@@ -220,26 +157,19 @@ def cache_key(**parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+# ---- transitional: names other eval programs still import; removed once they use the shared layer ----
+from diffclip.cli import run as run_cli  # noqa: E402, F401
+from diffclip.files import write_json as write_json_atomic  # noqa: E402, F401
+from diffclip.files import write_text as write_text_atomic  # noqa: E402, F401
+from diffclip.runtime import resolve_device  # noqa: E402, F401
+from diffclip.runtime import seed_everything as set_seed  # noqa: E402, F401
 
 
-def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
-    """Runs ``main`` and turns user errors into one line on stderr and exit status 1 (set ``DIFFCLIP_DEBUG=1``
-    for the traceback)."""
-    prog = Path(sys.argv[0]).name
-    try:
-        code = main(argv)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        code = 130
-    except USER_ERRORS as e:
-        if os.environ.get("DIFFCLIP_DEBUG"):
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if isinstance(e, KeyError):
-            msg = f"missing key {msg}"
-        print(f"{prog}: error: {msg}", file=sys.stderr)
-        code = 1
-    sys.exit(code)
+def autocast_factory(precision, device):  # transitional
+    from diffclip.runtime import get_autocast
+    return get_autocast(precision, device.type)
+
+
+def setup_logging(verbose: bool = False) -> None:  # transitional
+    from diffclip.cli import setup_logging as _setup
+    _setup(logging.DEBUG if verbose else logging.INFO)

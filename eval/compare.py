@@ -19,7 +19,6 @@ Every model runs once per seed in ``OUTPUT/<label>/seed<k>`` (stdout and stderr 
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import statistics
@@ -29,20 +28,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from diffclip.cli import ArgumentParser, UsageError, positive_int, run
+from diffclip.files import write_json, write_text
+
 __all__ = ["load_config", "plan_runs", "to_flags", "summarise", "markdown_table", "main"]
 
 FINETUNE = Path(__file__).resolve().parent / "finetune.py"
-
-
-class ConfigError(ValueError):
-    """A config that cannot be run: reported as one line, exit status 2."""
 
 
 def load_config(path: str) -> dict:
     """Reads and checks an experiment config (JSON, or YAML with PyYAML)."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config {path} does not exist")
+        raise UsageError(f"config {path} does not exist")
     text = p.read_text()
     try:
         if p.suffix in (".yaml", ".yml"):
@@ -52,16 +50,16 @@ def load_config(path: str) -> dict:
         else:
             cfg = json.loads(text)
     except Exception as e:
-        raise ConfigError(f"{path}: cannot parse: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"{path}: cannot parse: {str(e).splitlines()[0]}") from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("models"), list) or not cfg["models"]:
-        raise ConfigError(f"{path}: needs a non-empty 'models' list")
+        raise UsageError(f"{path}: needs a non-empty 'models' list")
     labels = []
     for i, m in enumerate(cfg["models"]):
         if not isinstance(m, dict) or "label" not in m or "model" not in m.get("args", {}):
-            raise ConfigError(f"{path}: models[{i}] needs a 'label' and args.model")
+            raise UsageError(f"{path}: models[{i}] needs a 'label' and args.model")
         labels.append(m["label"])
     if len(set(labels)) != len(labels):
-        raise ConfigError(f"{path}: model labels must be unique, got {labels}")
+        raise UsageError(f"{path}: model labels must be unique, got {labels}")
     cfg.setdefault("seeds", [0])
     cfg.setdefault("common", {})
     return cfg
@@ -158,43 +156,38 @@ def _parse_set(items: list[str]) -> dict:
     out = {}
     for item in items:
         if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
+            raise UsageError(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
         out[key.strip().lstrip("-")] = value
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Run a config's DiffViT / ViT models over seeds and tabulate them.")
+    p = ArgumentParser(description="Run a config's DiffViT / ViT models over seeds and tabulate them.")
     p.add_argument("config", help="eval/configs/<experiment>.json")
     p.add_argument("--output", required=True, help="folder for the runs and the table")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the config's seeds")
     p.add_argument("--models", nargs="+", default=None, help="only these labels")
     p.add_argument("--data-root", default=None, help="override the config's data root")
-    p.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
+    p.add_argument("--epochs", type=positive_int, default=None, help="override the config's epochs")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override any finetune.py flag")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (each with --threads from the config)")
+    p.add_argument("--jobs", type=positive_int, default=1, help="runs in parallel (each with --threads from the config)")
     p.add_argument("--dry-run", action="store_true", help="print the finetune.py commands only")
     args = p.parse_args(argv)
     t0 = time.time()
-    try:
-        cfg = load_config(args.config)
-        if args.models:
-            unknown = set(args.models) - {m["label"] for m in cfg["models"]}
-            if unknown:
-                raise ConfigError(f"unknown labels {sorted(unknown)}; the config has {[m['label'] for m in cfg['models']]}")
-            cfg["models"] = [m for m in cfg["models"] if m["label"] in args.models]
-        overrides = _parse_set(args.set)
-        if args.data_root:
-            overrides["data-root"] = args.data_root
-        if args.epochs:
-            overrides["epochs"] = args.epochs
-        if args.jobs < 1:
-            raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
-        runs = plan_runs(cfg, args.output, args.seeds or cfg["seeds"], overrides)
-    except ConfigError as e:
-        print(f"compare.py: error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config)
+    if args.models:
+        unknown = set(args.models) - {m["label"] for m in cfg["models"]}
+        if unknown:
+            raise UsageError(f"--models: unknown labels {sorted(unknown)}; the config has "
+                             f"{[m['label'] for m in cfg['models']]}")
+        cfg["models"] = [m for m in cfg["models"] if m["label"] in args.models]
+    overrides = _parse_set(args.set)
+    if args.data_root:
+        overrides["data-root"] = args.data_root
+    if args.epochs:
+        overrides["epochs"] = args.epochs
+    runs = plan_runs(cfg, args.output, args.seeds or cfg["seeds"], overrides)
     if args.dry_run:
         for r in runs:
             print(" ".join([sys.executable, str(FINETUNE), *r["argv"]]))
@@ -224,11 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     reused = sum(r.get("reused", False) for rs in results.values() for r in rs)
     timing = (f"Wall time of this compare.py call: {wall / 60:.1f} min ({len(runs) - reused} runs trained, {args.jobs} "
               f"in parallel; {reused} finished runs reused). Per-run wall and CPU time are in the table.")
-    (Path(args.output) / "table.md").write_text(f"{table}\n\n{timing}\n")
-    (Path(args.output) / "table.json").write_text(json.dumps(
-        {"config": cfg.get("name", Path(args.config).stem), "command": cmd, "wall_time": wall, "jobs": args.jobs,
-         "runs_trained": len(runs) - reused, "runs_reused": reused,
-         "rows": rows, "failures": failures}, indent=2) + "\n")
+    write_text(Path(args.output) / "table.md", f"{table}\n\n{timing}\n")
+    write_json(Path(args.output) / "table.json",
+               {"config": cfg.get("name", Path(args.config).stem), "command": cmd, "wall_time": wall, "jobs": args.jobs,
+                "runs_trained": len(runs) - reused, "runs_reused": reused, "rows": rows, "failures": failures})
     print(table)
     print(f"\n{timing}\nTable in {Path(args.output) / 'table.md'}")
     if failures:
@@ -237,5 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> None:
+    run(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -20,22 +20,19 @@ import torch
 from diffclip.eval import readers
 from diffclip.eval.common import (
     add_model_args,
-    autocast_factory,
     encode_texts,
     extract_image_features,
     limit,
     load_model,
     make_loader,
     model_transform,
-    resolve_device,
     result_record,
-    run_cli,
-    set_seed,
-    setup_logging,
-    write_json_atomic,
 )
 
+from diffclip.cli import ArgumentParser, positive_int, run, setup_logging
+from diffclip.files import check_writable, write_json
 from diffclip.metrics import retrieval_metrics
+from diffclip.runtime import get_autocast, resolve_device, seed_everything
 
 log = logging.getLogger("diffclip.eval")
 TASK = "zeroshot_retrieval"
@@ -44,7 +41,7 @@ TASK = "zeroshot_retrieval"
 def evaluate(model, tokenizer, dataset, *, device: torch.device, precision: str = "fp32", batch_size: int = 64,
              workers: int = 0, ks=(1, 5, 10), progress: bool = True) -> dict:
     """Retrieval metrics of ``model`` on a reader retrieval ``dataset`` (transform already set)."""
-    autocast = autocast_factory(precision, device)
+    autocast = get_autocast(precision, device.type)
     t0 = time.perf_counter()
     image_emb, index = extract_image_features(model, make_loader(dataset, batch_size, workers, device), device,
                                               autocast, progress, desc="images")
@@ -62,7 +59,7 @@ def evaluate(model, tokenizer, dataset, *, device: torch.device, precision: str 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
                                 epilog="datasets: " + ", ".join(readers.list_datasets("retrieval")))
     add_model_args(p)
     p.add_argument("--dataset", required=True, help="mscoco, flickr30k, flickr8k, wds, csv, jsonl, emoji-twitter, "
@@ -70,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="dataset folder (csv/jsonl: the file)")
     p.add_argument("--split", default=None, help="split (default: test; 'all' for csv/jsonl/emoji)")
     p.add_argument("--annotations", default=None, help="Karpathy split JSON (default: <root>/dataset_<name>.json)")
-    p.add_argument("--recall-k", type=int, nargs="+", default=[1, 5, 10])
+    p.add_argument("--recall-k", type=positive_int, nargs="+", default=[1, 5, 10])
     p.add_argument("--output", default=None, help="result JSON (CLIP_benchmark format), written atomically")
     p.add_argument("--verbose", action="store_true")
     return p
@@ -78,9 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    set_seed(args.seed)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    seed_everything(args.seed)
     device = resolve_device(args.device)
+    if args.output:
+        check_writable(args.output, "--output")
     options = {"annotations": args.annotations} if args.annotations else {}
     dataset = readers.build_retrieval_dataset(args.dataset, args.data_root, args.split, None, **options)
     name = dataset.name
@@ -92,11 +91,15 @@ def main(argv: list[str] | None = None) -> int:
                        workers=args.workers, ks=tuple(args.recall_k), progress=not args.no_progress)
     record = result_record(name, args.model, args.pretrained, TASK, metrics)
     if args.output:
-        write_json_atomic(args.output, record)
+        write_json(args.output, record)
         log.info("wrote %s", args.output)
     print(json.dumps(record))
     return 0
 
 
+def cli() -> None:
+    run(main)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    cli()

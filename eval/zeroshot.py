@@ -10,7 +10,7 @@ files override them), see :func:`diffclip.zero_shot.build_zero_shot_classifier`;
 
 from __future__ import annotations
 
-import argparse
+import argparse  # noqa: F401 - annotations
 import json
 import logging
 import time
@@ -18,23 +18,14 @@ from pathlib import Path
 
 import torch
 from diffclip.eval import readers
-from diffclip.eval.common import (
-    add_model_args,
-    autocast_factory,
-    limit,
-    load_model,
-    make_loader,
-    model_transform,
-    resolve_device,
-    result_record,
-    run_cli,
-    set_seed,
-    setup_logging,
-    write_json_atomic,
-)
-from safetensors.torch import load_file, save_file
+from diffclip.eval.common import add_model_args, limit, load_model, make_loader, model_transform, result_record
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
+from diffclip.cli import ArgumentParser, run, setup_logging
+from diffclip.files import check_writable, write_bytes, write_json
 from diffclip.metrics import classification_metrics
+from diffclip.runtime import get_autocast, resolve_device, seed_everything
 from diffclip.zero_shot import build_zero_shot_classifier, zero_shot_predict
 
 log = logging.getLogger("diffclip.eval")
@@ -42,10 +33,10 @@ TASK = "zeroshot_classification"
 
 
 def save_classifier(path: str | Path, classifier: torch.Tensor, classnames: list[str], model: str) -> None:
-    """Saves a (D, C) zero-shot classifier as safetensors (tensor ``classifier``, class names in the metadata)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file({"classifier": classifier.detach().float().cpu().contiguous()}, str(path),
-              metadata={"classnames": json.dumps(classnames), "model": model})
+    """Saves a (D, C) zero-shot classifier as safetensors (tensor ``classifier``, class names in the metadata),
+    atomically."""
+    write_bytes(path, safetensors_bytes({"classifier": classifier.detach().float().cpu().contiguous()},
+                                        metadata={"classnames": json.dumps(classnames), "model": model}))
 
 
 def load_classifier(path: str | Path, n_classes: int, embed_dim: int) -> torch.Tensor:
@@ -79,7 +70,7 @@ def evaluate(model, tokenizer, dataset, *, device: torch.device, precision: str 
     Returns:
         ``(metrics, classifier used)``.
     """
-    autocast = autocast_factory(precision, device)
+    autocast = get_autocast(precision, device.type)
     if classifier is None:
         t0 = time.perf_counter()
         classifier = build_zero_shot_classifier(model, tokenizer, dataset.classnames, dataset.templates,
@@ -102,7 +93,7 @@ def evaluate(model, tokenizer, dataset, *, device: torch.device, precision: str 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
                                 epilog="datasets: " + ", ".join(readers.list_datasets("classification")))
     add_model_args(p)
     p.add_argument("--dataset", required=True, help="dataset name (see below), e.g. imagenet1k, fashion-mnist, "
@@ -122,19 +113,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    set_seed(args.seed)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    seed_everything(args.seed)
     device = resolve_device(args.device)
+    for flag in ("output", "save_classifier"):
+        if getattr(args, flag):
+            check_writable(getattr(args, flag), "--" + flag.replace("_", "-"))
+    if args.classifier and not Path(args.classifier).is_file():
+        raise FileNotFoundError(f"--classifier {args.classifier}: no such file")
     # the dataset is checked before the model is built, so a missing folder fails fast
     dataset = readers.build_dataset(args.dataset, args.data_root, args.split, None, download=args.download,
                                     classnames=args.classnames, templates=args.templates)
     model, preprocess, tokenizer = load_model(args.model, args.pretrained, device, args.precision)
     dataset = limit(readers.set_transform(dataset, model_transform(preprocess, args.precision)), args.max_samples)
-    log.info("zero-shot %s (%s split, %d images, %d classes) with %s", dataset.name, dataset.split, len(dataset),
-             len(dataset.classnames), args.model)
     classifier = None
     if args.classifier:
         classifier = load_classifier(args.classifier, len(dataset.classnames), model.embed_dim)
+    log.info("zero-shot %s (%s split, %d images, %d classes) with %s", dataset.name, dataset.split, len(dataset),
+             len(dataset.classnames), args.model)
     metrics, used = evaluate(model, tokenizer, dataset, device=device, precision=args.precision,
                              batch_size=args.batch_size, workers=args.workers, classifier=classifier,
                              progress=not args.no_progress)
@@ -142,11 +138,15 @@ def main(argv: list[str] | None = None) -> int:
         save_classifier(args.save_classifier, used, dataset.classnames, args.model)
     record = result_record(dataset.name, args.model, args.pretrained, TASK, metrics)
     if args.output:
-        write_json_atomic(args.output, record)
+        write_json(args.output, record)
         log.info("wrote %s", args.output)
     print(json.dumps(record))
     return 0
 
 
+def cli() -> None:
+    run(main)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    cli()

@@ -17,11 +17,13 @@ import numpy as np
 import pytest
 import torch
 from diffclip.eval import linear_probe, robustness, run_suite, zeroshot
-from diffclip.eval.common import limit, run_cli
+from diffclip.eval.common import limit
 from diffclip.eval.readers import _timm_info, build_dataset, imagenet_wnids
 from PIL import Image
 from safetensors.torch import load_file
 from sklearn.datasets import load_digits
+
+from diffclip.cli import run as run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
