@@ -162,7 +162,9 @@ def test_compare_table(tmp_path, capsys):
     assert "88.50 ± 0.71" in out and "86.25 ± 0.35" in out and "87.26" in out
     table = json.loads((tmp_path / "out" / "table.json").read_text())
     assert [r["label"] for r in table["rows"]] == ["DiffViT", "ViT twin"]
-    assert main([str(tmp_path / "missing.json"), "--output", str(tmp_path)]) == 2
+    from diffclip.cli import UsageError
+    with pytest.raises(UsageError, match="missing.json does not exist"):
+        main([str(tmp_path / "missing.json"), "--output", str(tmp_path)])
 
 
 def test_configs_are_valid():
