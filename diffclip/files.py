@@ -80,6 +80,10 @@ def check_writable(path: str | os.PathLike, what: str) -> Path:
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {path}: folder {parent} is not writable")
+    try:  # a real probe: permission bits say nothing for root, or on read-only and virtual file systems
+        if not parent.is_dir():
+            raise NotADirectoryError(parent)
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError:
+        raise ValueError(f"{what} {path}: folder {parent} is not writable") from None
     return path

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .metrics import classification_metrics
 
-__all__ = ["format_prompts", "build_zero_shot_classifier", "zero_shot_logits", "zero_shot_predict",
+__all__ = ["fill_template", "format_prompts", "build_zero_shot_classifier", "zero_shot_logits", "zero_shot_predict",
            "zero_shot_evaluate"]
 
 Template = str | Callable[[str], str]
@@ -28,19 +28,28 @@ def _check_templates(templates: Sequence[Template]) -> None:
         raise ValueError("the template list is empty")
     for t in templates:
         if isinstance(t, str):
-            if "{}" not in t:
-                raise ValueError(f"template {t!r} has no '{{}}' placeholder for the class name")
+            n = t.count("{}") + t.count("{c}")
+            if n != 1:
+                raise ValueError(f"template {t!r} has {n} placeholders; expected exactly one, {{}} or {{c}} "
+                                 "(CLIP_benchmark's), for the class name")
         elif not callable(t):
             raise ValueError(f"a template must be a string with '{{}}' or a callable, got {type(t).__name__}")
+
+
+def fill_template(template: str, classname: str) -> str:
+    """``template`` with its one placeholder, ``{}`` or CLIP_benchmark's ``{c}``, replaced by ``classname``."""
+    return template.replace("{}" if "{}" in template else "{c}", classname, 1)
 
 
 def format_prompts(classnames: Sequence[str], templates: Sequence[Template]) -> list[list[str]]:
     """The prompts of each class: ``[[t(c) for t in templates] for c in classnames]``.
 
-    A string template is filled with ``str.format`` (``"a photo of a {}."``); a callable gets the class name.
+    A string template holds exactly one placeholder, ``{}`` (``"a photo of a {}."``, open_clip's) or ``{c}``
+    (CLIP_benchmark's template files), replaced by the class name; a callable gets the class name.
 
     Raises:
-        ValueError: an empty class list, an empty template list, or a string template without ``{}``.
+        ValueError: an empty class list, an empty template list, or a string template without exactly one
+        placeholder.
     """
     if isinstance(classnames, str):
         raise ValueError("classnames must be a list of strings, not a single string")
@@ -49,7 +58,7 @@ def format_prompts(classnames: Sequence[str], templates: Sequence[Template]) -> 
     _check_templates(templates)
     out = []
     for c in classnames:
-        out.append([t(c) if callable(t) else t.format(c) for t in templates])
+        out.append([t(c) if callable(t) else fill_template(t, c) for t in templates])
     return out
 
 

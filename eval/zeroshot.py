@@ -22,7 +22,7 @@ from diffclip.eval.common import add_model_args, limit, load_model, make_loader,
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from diffclip.cli import ArgumentParser, run, setup_logging
+from diffclip.cli import ArgumentParser, one_line, run, setup_logging
 from diffclip.files import check_writable, write_bytes, write_json
 from diffclip.metrics import classification_metrics
 from diffclip.runtime import get_autocast, resolve_device, seed_everything
@@ -43,12 +43,15 @@ def load_classifier(path: str | Path, n_classes: int, embed_dim: int) -> torch.T
     """Loads a classifier written by :func:`save_classifier` and checks it fits the dataset and the model.
 
     Raises:
-        FileNotFoundError: no such file. ValueError: no ``classifier`` tensor, or a class count / embedding
+        FileNotFoundError: no such file. ValueError: not a safetensors file, no ``classifier`` tensor, or a class count / embedding
         width that does not match.
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"classifier file {path} not found")
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for a file that is not safetensors
+        raise ValueError(f"classifier {path}: not a safetensors file ({one_line(e)})") from None
     if "classifier" not in tensors or tensors["classifier"].ndim != 2:
         raise ValueError(f"{path} holds no 2-D 'classifier' tensor (found {sorted(tensors)})")
     w = tensors["classifier"]

@@ -75,10 +75,14 @@ def test_bad_input(tiny):
     model, tok = tiny
     with pytest.raises(ValueError, match="class list is empty"):
         build_zero_shot_classifier(model, tok, [], TEMPLATES)
-    with pytest.raises(ValueError, match="has no '\\{\\}' placeholder"):
+    with pytest.raises(ValueError, match="has 0 placeholders; expected exactly one"):
         build_zero_shot_classifier(model, tok, CLASSES, ["a photo of a cat."])
+    with pytest.raises(ValueError, match="has 2 placeholders; expected exactly one"):
+        build_zero_shot_classifier(model, tok, CLASSES, ["a {} of a {}."])
     with pytest.raises(ValueError, match="template list is empty"):
         format_prompts(CLASSES, [])
     with pytest.raises(ValueError, match="not a single string"):
         format_prompts(CLASSES, "a photo of a {}.")
     assert format_prompts(["x"], ["{} y", lambda c: c + "!"]) == [["x y", "x!"]]
+    # CLIP_benchmark's template files use {c}; other braces are left alone
+    assert format_prompts(["x"], ["a {c} {{y}}"]) == [["a x {{y}}"]]
