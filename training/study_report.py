@@ -1,0 +1,107 @@
+"""The summary of a study (training/study.py) from its result files alone: per evaluation metric and model the
+values over seeds, mean ± std (sample std, n-1), and against the baseline the mean paired difference with a
+two-sided paired t-test over seeds (scipy.stats.ttest_rel; needs >= 2 seeds), so the table says which differences
+are beyond seed noise at p < 0.05."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+from diffclip.files import write_json, write_text
+
+
+def collect(study: dict) -> dict:
+    """``{eval name: {model: {seed: metrics dict}}}`` of the result files present."""
+    out = Path(study["output"]) / "results"
+    found: dict = {}
+    for e in study["eval"]:
+        for model in study["models"]:
+            for seed in study["seeds"]:
+                path = out / model / f"seed{seed}" / f"{e['name']}.json"
+                if path.is_file():
+                    found.setdefault(e["name"], {}).setdefault(model, {})[seed] = json.loads(path.read_text())["metrics"]
+    return found
+
+
+def paired_test(a: list[float], b: list[float]) -> dict:
+    """Mean and std of ``a - b`` over paired seeds and the two-sided paired t-test's p-value (None below 2 pairs,
+    and 1.0 when every difference is equal to the same value 0)."""
+    d = [x - y for x, y in zip(a, b)]
+    res = {"n": len(d), "delta": statistics.fmean(d) if d else math.nan,
+           "delta_std": statistics.stdev(d) if len(d) > 1 else None, "p_value": None}
+    if len(d) > 1:
+        if statistics.pstdev(d) == 0:
+            res["p_value"] = 1.0 if d[0] == 0 else 0.0
+        else:
+            from scipy.stats import ttest_rel
+
+            res["p_value"] = float(ttest_rel(a, b).pvalue)
+    return res
+
+
+def summarise(study: dict, found: dict) -> list[dict]:
+    """One row per (evaluation, metric): per model the values over seeds, mean, std, and the paired test against
+    the baseline on the seeds both have."""
+    rows = []
+    base = study["baseline"]
+    for e in study["eval"]:
+        per_model = found.get(e["name"], {})
+        keys = e.get("metrics") or sorted({k for runs in per_model.values() for m in runs.values()
+                                          for k, v in m.items() if isinstance(v, (int, float))})
+        for key in keys:
+            row = {"eval": e["name"], "metric": key, "models": {}}
+            for model in study["models"]:
+                runs = per_model.get(model, {})
+                vals = {s: runs[s][key] for s in study["seeds"] if s in runs and key in runs[s]}
+                if not vals:
+                    continue
+                v = list(vals.values())
+                cell = {"seeds": list(vals), "values": v, "mean": statistics.fmean(v),
+                        "std": statistics.stdev(v) if len(v) > 1 else 0.0}
+                if model != base and base in row["models"]:
+                    b = row["models"][base]
+                    common = [s for s in vals if s in b["seeds"]]
+                    cell["vs_baseline"] = paired_test([vals[s] for s in common],
+                                                      [b["values"][b["seeds"].index(s)] for s in common])
+                row["models"][model] = cell
+            rows.append(row)
+    return rows
+
+
+def markdown(study: dict, rows: list[dict]) -> str:
+    models, base = study["models"], study["baseline"]
+    head = ["evaluation", "metric", *models]
+    lines = [f"Study `{study['name']}`: mean ± std over seeds {study['seeds']}; Δ vs {base} (mean paired "
+             "difference), * where the paired t-test over seeds gives p < 0.05.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["eval"], r["metric"]]
+        for m in models:
+            c = r["models"].get(m)
+            if c is None:
+                cells.append("")
+                continue
+            text = f"{100 * c['mean']:.2f} ± {100 * c['std']:.2f}"
+            t = c.get("vs_baseline")
+            if t and t["n"]:
+                star = "*" if t["p_value"] is not None and t["p_value"] < 0.05 else ""
+                text += f" ({100 * t['delta']:+.2f}{star})"
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Values in % (metrics are fractions in the result files).")
+    return "\n".join(lines)
+
+
+def write_summary(study: dict, wall_time: float | None = None) -> dict:
+    """Writes ``study.json`` and ``study.md`` in the study's output folder (atomically) and returns the summary."""
+    out = Path(study["output"])
+    rows = summarise(study, collect(study))
+    summary = {"study": study["name"], "models": study["models"], "baseline": study["baseline"],
+               "seeds": study["seeds"], "rows": rows, "wall_time_s": wall_time, "markdown": markdown(study, rows)}
+    write_json(out / "study.json", summary)
+    write_text(out / "study.md", summary["markdown"] + "\n")
+    return summary
