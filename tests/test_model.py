@@ -71,6 +71,33 @@ def test_twins_differ_only_in_attention():
     assert sched["vision_cfg"]["lambda_init"] == sched["text_cfg"]["lambda_init"] == "schedule"
 
 
+@pytest.mark.parametrize("size", ["Tiny-64", "ViT-B-32", "ViT-B-16"])
+def test_the_four_paper_variants_at_every_size_differ_by_one_field(size):
+    """CLIP, DiffCLIP, DiffCLIP* (depth-scheduled lambda_init) and DiffCLIP† (vision tower only) at each size."""
+    def flat(name):
+        cfg = diffclip.get_model_config(name)
+        return {(t, k): v for t in ("vision_cfg", "text_cfg") for k, v in cfg.pop(t).items()} | cfg
+
+    diff = flat(f"DiffCLIP-{size}")
+    for name, changed in ((f"CLIP-{size}", {("vision_cfg", "attn_type"): "standard",
+                                             ("text_cfg", "attn_type"): "standard"}),
+                          (f"DiffCLIP-Sched-{size}", {("vision_cfg", "lambda_init"): "schedule",
+                                                      ("text_cfg", "lambda_init"): "schedule"}),
+                          (f"DiffCLIP-VisionOnly-{size}", {("text_cfg", "attn_type"): "standard"})):
+        other = flat(name)
+        assert {k: v for k, v in other.items() if diff.get(k) != v} == changed, name
+    if size == "Tiny-64":  # the tiny variants build; the schedule reaches every layer of both towers
+        from diffclip.attention import lambda_init_schedule
+
+        sched = create_model(f"DiffCLIP-Sched-{size}")
+        assert [b.attn.lambda_init for b in sched.visual.blocks] == [lambda_init_schedule(i) for i in range(6)]
+        assert [b.attn.lambda_init for b in sched.transformer.resblocks] == [lambda_init_schedule(i) for i in range(4)]
+        vonly = create_model(f"DiffCLIP-VisionOnly-{size}")
+        n = {m: sum(p.numel() for p in create_model(m).parameters()) for m in (f"DiffCLIP-{size}", f"CLIP-{size}")}
+        n_vonly = sum(p.numel() for p in vonly.parameters())
+        assert n[f"CLIP-{size}"] < n_vonly < n[f"DiffCLIP-{size}"]
+
+
 def test_forward_returns_release_dict_and_normalize(b16):
     tok = get_tokenizer("DiffCLIP-ViT-B-16")
     text = tok(["a photo of a cat", "a diagram"])
