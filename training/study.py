@@ -15,7 +15,7 @@ A study file (JSON) holds::
      "eval": [{"name": "zs_twitter", "program": "zeroshot", "args": {"dataset": "emoji-twitter", ...},
                "metrics": ["acc1"]}]}                                           # diffclip-eval programs' flags
 
-``{out}`` in any value is the study's output folder. Layout of the output: ``shards/<name>`` (make_shards.py; kept
+``{out}`` in any value is the study's output folder; other relative paths are taken from the current folder. Layout of the output: ``shards/<name>`` (make_shards.py; kept
 when its ``sizes.json`` exists), ``runs/<model>-seed<k>`` (a training run folder; a run with ``final_model/`` is
 finished and skipped, one without is continued with ``--resume latest``), ``results/<model>/seed<k>/<eval>.json``
 (CLIP_benchmark records; an existing one is not recomputed), ``logs/`` (each job's output) and ``study.json`` /
@@ -76,7 +76,7 @@ def load_study(path: str | os.PathLike, output: str | None = None) -> dict:
     names = [e.get("name") for e in study["eval"]]
     if any(not n or "program" not in e for n, e in zip(names, study["eval"])) or len(set(names)) != len(names):
         raise UsageError(f"study file {path}: every eval entry needs a unique 'name' and a 'program'")
-    out = Path(output or study.get("output") or f"study_out/{study['name']}")
+    out = Path(output or study.get("output") or f"study_out/{study['name']}").absolute()
     study = _fill(study, out)
     study["output"] = str(out)
     return study
@@ -145,7 +145,7 @@ def _execute(job: dict, log_dir: Path, threads: int) -> None:
     with open(log_file, "a") as f:
         f.write(f"$ {' '.join(job['argv'])}\n")
         f.flush()
-        rc = subprocess.call(job["argv"], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        rc = subprocess.call(job["argv"], stdout=f, stderr=subprocess.STDOUT, env=env)
     if rc != 0 or not Path(job["output"]).exists():
         lines = [ln for ln in log_file.read_text().splitlines() if ln.strip()]
         raise RuntimeError(f"{job['name']} failed (exit {rc}): {lines[-1] if lines else '(no output)'}; "
