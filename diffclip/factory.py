@@ -52,12 +52,18 @@ def create_model(name: str, pretrained: str | None = None, device: str | torch.d
         A :class:`DiffCLIP` in eval mode when weights were loaded, train mode otherwise.
 
     Raises:
-        ValueError: unknown name; FileNotFoundError: missing weights; RuntimeError: weights that do not fit.
+        ValueError: unknown name, an empty ``pretrained`` string, a weights file that is empty, truncated or not a
+        checkpoint; FileNotFoundError: missing weights; RuntimeError: weights that do not fit;
+        pickle.UnpicklingError: a pickle that needs types outside the allow-list. Each a one-line message naming
+        the file.
     """
+    if pretrained is not None and not str(pretrained).strip():
+        raise ValueError("pretrained='' names no weights: give a release tag, hf-hub:org/repo, a directory or a "
+                         "file, or None for random initialisation")
     if pretrained is None and name.startswith(hub.HF_HUB_PREFIX):
         pretrained = name
     model = DiffCLIP(**get_model_config(name))
-    if pretrained:
+    if pretrained is not None:
         hub.load_pretrained(model, pretrained, model_name=name)
         model.eval()
     return model.to(device) if device is not None else model

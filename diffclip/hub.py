@@ -21,6 +21,7 @@ import os
 import pathlib
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 from safetensors.torch import load_file
 
-__all__ = ["HF_HUB_PREFIX", "RELEASES", "CHECKPOINT_SAFE_GLOBALS", "download", "resolve_pretrained",
+__all__ = ["HF_HUB_PREFIX", "RELEASES", "CHECKPOINT_SAFE_GLOBALS", "download", "resolve_pretrained", "torch_load",
            "read_state_dict", "convert_open_clip_state_dict", "load_state_dict", "load_pretrained"]
 
 HF_HUB_PREFIX = "hf-hub:"
@@ -120,30 +121,63 @@ def resolve_pretrained(pretrained: str, model_name: str | None = None) -> str:
     return str(path)
 
 
+def torch_load(path: str | os.PathLike) -> Any:
+    """The one reader of PyTorch pickles in diffclip: ``torch.load(weights_only=True)`` on the CPU with the
+    allow-list :data:`CHECKPOINT_SAFE_GLOBALS`.
+
+    Raises:
+        FileNotFoundError: no such file.
+        pickle.UnpicklingError: the pickle names a type outside the allow-list (it could run code).
+        ValueError: one line naming the file when it is empty, truncated or not a PyTorch file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if p.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file; expected a PyTorch checkpoint")
+    try:
+        with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
+            return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported global" in ln), "")
+        if detail:
+            raise pickle.UnpicklingError(f"refusing to unpickle {path}: it needs a type outside the allow-list, "
+                                         f"which could run code ({detail})") from None
+        raise ValueError(f"{path}: not a PyTorch checkpoint ({_first_line(e)})") from None
+    except (EOFError, IndexError, KeyError, TypeError, AttributeError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint, truncated or another format "
+                         f"({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:200] if lines else type(e).__name__
+
+
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Reads the model weights of a checkpoint file, without free unpickling.
 
-    ``.safetensors`` files are read with safetensors; anything else with ``torch.load(weights_only=True)``
-    and :data:`CHECKPOINT_SAFE_GLOBALS`. The weights are taken from ``state_dict`` (or ``model``) when the
-    file holds a training checkpoint, and ``module.`` / ``_orig_mod.`` prefixes are removed.
+    ``.safetensors`` files are read with safetensors; anything else with :func:`torch_load` (the allow-list).
+    The weights are taken from ``state_dict`` (or ``model``) when the file holds a training checkpoint, and
+    ``module.`` / ``_orig_mod.`` prefixes are removed.
 
     Returns:
         A dict of parameter name -> tensor.
 
     Raises:
+        FileNotFoundError: no such file.
         pickle.UnpicklingError: the pickle names a type outside the allow-list (it could run code).
-        ValueError: the file holds no state dict.
+        ValueError: one line naming the file: empty, truncated, not a checkpoint, or no state dict in it.
     """
     if str(path).endswith(".safetensors"):
-        sd = load_file(path)
-    else:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such file")
         try:
-            with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            detail = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
-            raise pickle.UnpicklingError(f"refusing to unpickle {path}: it needs a type outside the allow-list, "
-                                         f"which could run code ({detail})") from None
+            sd = load_file(path)
+        except Exception as e:  # safetensors raises its own error type
+            raise ValueError(f"{path}: not a safetensors file ({_first_line(e)})") from None
+    else:
+        obj = torch_load(path)
         sd = obj
         if isinstance(obj, dict):
             for key in ("state_dict", "model", "model_state_dict"):
@@ -151,7 +185,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
                     sd = obj[key]
                     break
     if not isinstance(sd, dict) or not any(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} holds no state dict of tensors")
+        raise ValueError(f"{path}: holds no state dict of tensors; expected model weights or a checkpoint")
     out = {}
     for k, v in sd.items():
         for prefix in ("module.", "_orig_mod."):

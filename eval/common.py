@@ -50,7 +50,7 @@ def load_model(name: str, pretrained: str | None, device: torch.device, precisio
     """``(model, preprocess_val, tokenizer)`` in eval mode on ``device``, weights cast for ``precision``
     (:func:`diffclip.runtime.cast_model`). Raises what :func:`diffclip.create_model_and_transforms` raises."""
     import diffclip
-    model, _, preprocess = diffclip.create_model_and_transforms(name, pretrained=pretrained or None)
+    model, _, preprocess = diffclip.create_model_and_transforms(name, pretrained=pretrained)
     model = cast_model(model.to(device).eval(), precision)
     return model, preprocess, diffclip.get_tokenizer(name)
 

@@ -132,6 +132,26 @@ def test_clear_errors_for_missing_and_mismatched_weights(tiny, tmp_path):
     assert "\n" not in message and "missing keys" in message and "visual.blocks.11.norm1.weight" in message
 
 
+def test_garbage_empty_truncated_and_foreign_files_are_one_line_value_errors(tiny, tmp_path):
+    torch.save({"state_dict": tiny.state_dict()}, tmp_path / "good.pt")
+    data = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)
+    (tmp_path / "text.pt").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    cases = {"truncated.pt": "not a readable PyTorch checkpoint", "empty.pt": "empty file",
+             "garbage.safetensors": "not a safetensors file", "text.pt": "not a", "list.pt": "holds no state dict"}
+    for name, expected in cases.items():
+        with pytest.raises(ValueError, match=expected) as e:
+            create_model("DiffCLIP-Tiny-64", pretrained=str(tmp_path / name))
+        assert "\n" not in str(e.value) and name in str(e.value), str(e.value)
+    with pytest.raises(ValueError, match="pretrained='' names no weights"):
+        create_model("DiffCLIP-Tiny-64", pretrained="")
+    # the good file loads
+    assert create_model("DiffCLIP-Tiny-64", pretrained=str(tmp_path / "good.pt")) is not None
+
+
 @pytest.mark.parametrize("oc_name,ours", [("ViT-B-16", "OpenCLIP-ViT-B-16"), ("ViT-B-32-quickgelu", "OpenCLIP-ViT-B-32-quickgelu")])
 def test_open_clip_weights_give_open_clip_embeddings(oc_name, ours, tmp_path):
     torch.manual_seed(2)
