@@ -31,6 +31,8 @@ def one_line(e: BaseException) -> str:
     text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     msg = lines[0] if lines else type(e).__name__
+    if msg.startswith("Caught ") and "Original Traceback" in text:  # re-raised from a DataLoader worker
+        msg = lines[-1].split(": ", 1)[-1]
     return f"missing key {msg}" if isinstance(e, KeyError) else msg
 
 

@@ -24,10 +24,27 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] | None = None) -> 
 def load_image(path: str | os.PathLike, background: tuple[int, int, int] | None = None) -> Image.Image:
     """Opens and decodes an image file as RGB (see :func:`to_rgb`). Raises OSError (PIL's
     ``UnidentifiedImageError`` is one) when the file is missing or cannot be decoded."""
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        img.load()
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise OSError(f"image {path} cannot be decoded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                      ) from None
     return to_rgb(img, background)
+
+
+def undecodable(paths) -> list[tuple[str, str]]:
+    """The files of ``paths`` that do not decode as images, as ``(path, reason)`` (a full decode of each)."""
+    bad = []
+    for p in paths:
+        try:
+            load_image(p)
+        except OSError as e:
+            bad.append((str(p), str(e)))
+    return bad
 
 
 class ToMode:

@@ -223,7 +223,7 @@ def test_robustness_summary(tmp_path, capsys):
 
 
 def test_run_suite_local_two_models(idx_root, tmp_path, capsys):
-    from test_readers import write_emoji_set
+    from eval_helpers import write_emoji_set
     write_emoji_set(tmp_path / "sources", "twitter")
     write_emoji_set(tmp_path / "sources", "google")
     with pytest.raises(SystemExit) as e:

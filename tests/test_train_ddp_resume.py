@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train_resume import _cmd, _losses, _write_sources, run_killed_and_resumed
+from train_helpers import _cmd, _losses, _write_sources, run_killed_and_resumed
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 KILL_AFTER_STEP = 4  # 3 steps per epoch (48 samples / (8 per rank x 2 ranks)): one step into epoch 2 of 4

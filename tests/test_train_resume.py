@@ -7,121 +7,16 @@
 * results.jsonl, params.txt, out.log, TensorBoard events, validation and zero-shot records are written.
 """
 
-import csv
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
-import skimage.data
 import torch
-from diffclip.training import make_shards
-from PIL import Image
+from train_helpers import MODEL, _cmd, _env, _losses, _write_sources, run_killed_and_resumed
 
 import diffclip
 
-MAIN = Path(__file__).resolve().parents[1] / "training" / "main.py"
-PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "coins"]
-MODEL = "DiffCLIP-Tiny-64"
 KILL_AFTER_STEP = 4  # a mid-epoch checkpoint (6 steps per epoch)
-
-
-def _write_sources(root: Path) -> tuple[Path, Path]:
-    """64 crops of real photos with unique captions -> 4 train shards + 1 val shard; a 3-class image folder."""
-    img = root / "img"
-    img.mkdir(parents=True)
-    rows = []
-    for i in range(64):
-        name = PHOTOS[i % len(PHOTOS)]
-        photo = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
-        w, h = photo.size
-        left, top = (i // len(PHOTOS)) * w // 24, (i % 3) * h // 12
-        photo.crop((left, top, left + w // 2, top + h // 2)).resize((48, 48)).save(img / f"{i:03d}.jpg")
-        rows.append((f"img/{i:03d}.jpg", f"crop {i} of a photo of a {name}"))
-    with open(root / "captions.csv", "w", newline="") as f:
-        csv.writer(f).writerows([("filepath", "caption"), *rows])
-    shards = root / "shards"
-    make_shards.write_shards(make_shards.read_csv_source(root / "captions.csv"), shards, samples_per_shard=14,
-                             image_size=64, seed=0, val_fraction=0.125, progress=False)
-    zs = root / "zeroshot"
-    for name in PHOTOS[:3]:
-        (zs / name).mkdir(parents=True)
-        for j in range(2):
-            photo = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
-            photo.resize((64 + 16 * j, 64 + 16 * j)).save(zs / name / f"{j}.png")
-    (zs / "templates.txt").write_text("a photo of a {}.\n{}\n")
-    return shards, zs
-
-
-def _cmd(shards: Path, zs: Path, logs: Path, name: str, *extra: str) -> list[str]:
-    return [sys.executable, str(MAIN), "--model", MODEL, "--train-data", str(shards), "--val-data",
-            str(shards / "val"), "--zeroshot-data", str(zs), "--batch-size", "8", "--train-num-samples", "48",
-            "--epochs", "2", "--lr", "1e-3", "--warmup", "3", "--wd", "0.1", "--precision", "fp32", "--workers", "1",
-            "--seed", "3", "--logs", str(logs), "--name", name, "--log-every-n-steps", "1",
-            "--save-every-n-steps", "2", "--report-to", "tensorboard", *extra]
-
-
-def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    """step -> loss; a step logged twice (before the kill and after the resume) keeps its last record."""
-    out = {}
-    for line in (run_dir / "results.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec["type"] == "train":
-            out[rec["step"]] = rec["loss"]
-    return out
-
-
-def _process_tree(pid: int) -> list[int]:
-    """pid and all its descendants (from /proc): torchrun starts each rank in a session of its own, so killing
-    torchrun's process group would leave the ranks running."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo += children.get(p, [])
-    return tree
-
-
-def run_killed_and_resumed(cmd, logs: Path, kill_after_step: int, wait: float = 240, timeout: float = 300) -> dict:
-    """Runs ``cmd(name, *extra)`` uninterrupted ("full") and, side by side, a run ("killed") that is killed with
-    SIGKILL (with every process it started) once ``step_{kill_after_step}.pt`` exists, then continued with
-    ``--resume latest``. ``wait``: seconds for the checkpoint to appear; ``timeout``: for each run to finish.
-    Returns the run folders, the losses logged before the kill and the resumed run's stderr."""
-    full = subprocess.Popen(cmd("full"), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    killed = subprocess.Popen(cmd("killed"), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = logs / "killed" / "checkpoints" / f"step_{kill_after_step}.pt"
-    deadline = time.time() + wait
-    while not target.exists() and killed.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    alive = killed.poll() is None
-    for pid in _process_tree(killed.pid):  # the run and all its processes, at once
-        os.kill(pid, signal.SIGKILL)
-    killed.wait()
-    assert alive, "the run ended before it could be killed"
-    assert target.exists(), "no mid-epoch checkpoint was written"
-    before_kill = _losses(logs / "killed")
-    _, err = full.communicate(timeout=timeout)
-    assert full.returncode == 0, err[-3000:]
-    resumed = subprocess.run(cmd("killed", "--resume", "latest"), env=_env(), capture_output=True, text=True,
-                             timeout=timeout)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    return {"logs": logs, "full": logs / "full", "killed": logs / "killed", "before_kill": before_kill,
-            "resumed_stderr": resumed.stderr}
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,10 @@
 """Training checkpoints: atomic saves and exact resumption, mid-epoch included.
 
 A checkpoint is one file ``{run}/checkpoints/epoch_{e}.pt`` (end of epoch ``e``, 1-based as in open_clip) or
-``step_{s}.pt`` (after optimizer step ``s``), written by rank 0 to ``<name>.tmp`` and renamed with
-``os.replace`` (atomic on POSIX), so a killed run leaves either the previous or the new file, never half a
-file. It holds:
+``step_{s}.pt`` (after optimizer step ``s``), written by rank 0 atomically (:func:`diffclip.files.save_torch`:
+a temporary name, then a rename), so a killed run leaves either the previous or the new file, never half a file.
+``--resume latest`` takes the newest checkpoint that loads (:func:`find_loadable`), passing over (and logging)
+newer files that are empty, truncated or not checkpoints. It holds:
 
 * ``state_dict`` (the model weights, no ``module.`` prefix: :func:`diffclip.hub.read_state_dict` and
   ``diffclip.create_model(name, pretrained=file)`` read it), ``loss_state`` (SigLIP's ``logit_bias``),
@@ -12,13 +13,13 @@ file. It holds:
 * ``rng``: the Python, NumPy, torch (and CUDA) generator states of every rank,
 * ``model_name``, ``args`` (the flags, for reference), ``world_size``.
 
-Only tensors, containers and primitives are stored, so ``torch.load(weights_only=True)`` reads it.
+Only tensors, containers and primitives are stored, so :func:`diffclip.hub.torch_load` (``weights_only``) reads it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import pickle
 import random
 import re
 from pathlib import Path
@@ -27,11 +28,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from diffclip.files import save_torch
+from diffclip.hub import load_state_dict, torch_load
+
 from .distributed import DistInfo
 
-__all__ = ["rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint", "find_latest", "checkpoint_step"]
+__all__ = ["rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint", "read_checkpoint", "find_latest",
+           "find_loadable", "checkpoint_step"]
 
-log = logging.getLogger("train")
+log = logging.getLogger("diffclip.train")
 
 _NAME = re.compile(r"^(epoch|step)_(\d+)\.pt$")
 
@@ -113,11 +118,7 @@ def save_checkpoint(path: str | Path, state, batches_done: int, info: DistInfo, 
                 "step": state.step, "epoch": state.epoch if epoch is None else epoch, "batches_done": batches_done,
                 "rng": rngs, "world_size": info.world_size, "model_name": state.args.model,
                 "args": {k: v for k, v in vars(state.args).items() if isinstance(v, (str, int, float, bool, type(None)))}}
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(ckpt, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        save_torch(path, ckpt)
         log.info("saved checkpoint %s (step %d, epoch %d, %d batches into it)", path, state.step, ckpt["epoch"],
                  batches_done)
         for old in delete or []:
@@ -127,25 +128,52 @@ def save_checkpoint(path: str | Path, state, batches_done: int, info: DistInfo, 
         dist.barrier()
 
 
-def load_checkpoint(path: str | Path, state, info: DistInfo) -> int:
-    """Restores model, loss, optimizer, scaler, step, epoch and this rank's RNG state from ``path``.
+def read_checkpoint(path: str | Path) -> dict:
+    """Reads a training checkpoint of this program (allow-listed unpickling).
+
+    Raises:
+        FileNotFoundError: no such file. pickle.UnpicklingError: a type outside the allow-list.
+        ValueError: one line naming the file: empty, truncated, another format, or not a training checkpoint.
+    """
+    ckpt = torch_load(path)
+    if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "step" not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(f"{path}: not a training checkpoint of training/main.py (use --pretrained for weights)")
+    return ckpt
+
+
+def find_loadable(ckpt_dir: str | Path, steps_per_epoch: int) -> tuple[Path, dict] | None:
+    """The newest checkpoint of ``ckpt_dir`` that reads, as ``(path, checkpoint)``, or None when none does.
+    Newer files that do not read (empty, truncated, foreign) are passed over with a warning naming each and why."""
+    ckpt_dir = Path(ckpt_dir)
+    found = [p for p in ckpt_dir.iterdir() if _NAME.match(p.name)] if ckpt_dir.is_dir() else []
+    found.sort(key=lambda p: (checkpoint_step(p, steps_per_epoch), p.name.startswith("epoch")), reverse=True)
+    for path in found:
+        try:
+            return path, read_checkpoint(path)
+        except (OSError, ValueError, pickle.UnpicklingError) as e:
+            log.warning("--resume latest: passing over %s: %s", path.name, str(e).splitlines()[0])
+    return None
+
+
+def load_checkpoint(path: str | Path, state, info: DistInfo, ckpt: dict | None = None) -> int:
+    """Restores model, loss, optimizer, scaler, step, epoch and this rank's RNG state from ``path`` (or from
+    ``ckpt``, the checkpoint already read from it).
 
     Returns:
         ``batches_done``: the micro-batches of ``state.epoch`` to skip.
 
     Raises:
-        FileNotFoundError: no such file; ValueError: not a training checkpoint of this program.
+        FileNotFoundError: no such file; ValueError: not a training checkpoint of this program;
+        RuntimeError: the checkpoint is of another model (one line listing the names that differ).
     """
     from .train import unwrap_model
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "step" not in ckpt:
-        raise ValueError(f"{path} is not a training checkpoint of training/main.py (use --pretrained for weights)")
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
     model = unwrap_model(state.model)
-    model.load_state_dict(ckpt["state_dict"])
+    written_for = ckpt.get("model_name")
+    load_state_dict(model, ckpt["state_dict"], source=f"checkpoint {path.name}"
+                    + (f" (written for --model {written_for})" if written_for else ""))
     if ckpt.get("loss_state"):
         state.loss_fn.load_state_dict(ckpt["loss_state"])
     state.optimizer.load_state_dict(ckpt["optimizer"])

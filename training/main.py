@@ -15,71 +15,57 @@ from the newest at the exact step), ``tensorboard/`` and ``final_model/`` (``con
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
-import random
-import sys
+import os
+import pickle
 import time
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from diffclip.training.checkpoint import find_latest, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from diffclip.training.checkpoint import (
+    find_loadable,
+    load_checkpoint,
+    read_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from diffclip.training.distributed import DistInfo, barrier, cleanup, init_distributed
 from diffclip.training.params import parse_args
 from diffclip.training.train import (
+    MetricsLogger,
     TrainState,
     const_lr,
     cosine_lr,
-    dumps,
     evaluate_val,
-    get_autocast,
     param_groups,
     train_one_epoch,
     unwrap_model,
 )
-from tqdm import tqdm
 
 import diffclip
+from diffclip.cli import UsageError, one_line, run, setup_logging
+from diffclip.files import check_writable, write_text
+from diffclip.hub import load_state_dict
 from diffclip.loss import ClipLoss, SigLipLoss
+from diffclip.runtime import (
+    autocast_dtype,
+    cast_model,
+    get_autocast,
+    get_input_dtype,
+    needs_grad_scaler,
+    seed_everything,
+)
 
-log = logging.getLogger("train")
-
-
-class CLIError(Exception):
-    """Bad input detected before training: reported as one line, exit status 1."""
-
-
-class _TqdmHandler(logging.StreamHandler):
-    """Console handler that prints through ``tqdm.write`` so log lines do not break the progress bar."""
-
-    def emit(self, record):
-        try:
-            tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:  # noqa: BLE001 - logging must never raise
-            self.handleError(record)
+log = logging.getLogger("diffclip.train")
 
 
-def setup_logging(info: DistInfo, log_file: Path | None) -> None:
-    log.handlers.clear()
-    log.propagate = False
-    log.setLevel(logging.INFO)
-    fmt = logging.Formatter(f"%(asctime)s rank{info.rank} %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    console = _TqdmHandler()
-    console.setFormatter(fmt)
-    console.setLevel(logging.INFO if info.is_master else logging.WARNING)
-    log.addHandler(console)
-    if log_file is not None and info.is_master:
-        fh = logging.FileHandler(log_file)
-        fh.setFormatter(fmt)
-        log.addHandler(fh)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def _logging(info: DistInfo, log_file: Path | None) -> None:
+    setup_logging(logging.INFO, log_file if info.is_master else None, rank=info.rank, console=info.is_master)
 
 
 def _broadcast(obj, info: DistInfo):
@@ -122,16 +108,53 @@ def _sum_over_ranks(d: dict, info: DistInfo) -> dict:
     return total
 
 
+def check_shards(urls: list[str], flag: str) -> None:
+    """Every local shard exists and is a tar file (remote and ``pipe:`` URLs are taken as they are).
+
+    Raises:
+        UsageError: one line naming ``flag``, the count and the first bad shard."""
+    import tarfile
+
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not Path(u).is_file()]
+    if missing:
+        raise UsageError(f"{flag}: {len(missing)} of {len(urls)} shards not found, e.g. {missing[0]}")
+    not_tar = [u for u in local if not tarfile.is_tarfile(u)]
+    if not_tar:
+        raise UsageError(f"{flag}: {len(not_tar)} of {len(urls)} files are not tar shards, e.g. {not_tar[0]}")
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the run's life (``fcntl.flock`` on ``<run>/.lock``, holding the PID).
+    The kernel drops it when the process ends, however it ends, so a killed run never blocks ``--resume``."""
+
+    def __init__(self, run_dir: Path):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / ".lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            raise UsageError(f"run folder {run_dir} is in use by the run of PID {holder}: wait for it, or give "
+                             "another --name") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
 def build_data(args, info: DistInfo, preprocess_train, tokenizer):
     """Checks the training shards and returns ``make_loader(epoch, skip_batches) -> DataInfo``."""
     try:
         from diffclip.training.data import expand_urls, get_wds_loader
     except ImportError as e:
-        raise CLIError(f"the data module is missing ({e})") from None
+        raise UsageError(f"the data module is missing ({e})") from None
     urls, weights = expand_urls(args.train_data, args.train_data_upsampling_factors)
-    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
-    if missing:
-        raise CLIError(f"--train-data: {len(missing)} of {len(urls)} shards not found, e.g. {missing[0]}")
+    check_shards(urls, "--train-data")
 
     def make_loader(epoch: int, skip_batches: int = 0):
         return get_wds_loader(urls, preprocess_train, tokenizer, batch_size=args.batch_size,
@@ -146,9 +169,7 @@ def build_data(args, info: DistInfo, preprocess_train, tokenizer):
 def build_val(args, preprocess_val, tokenizer):
     from diffclip.training.data import expand_urls, get_wds_loader
     urls, _ = expand_urls(args.val_data)
-    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
-    if missing:
-        raise CLIError(f"--val-data: {len(missing)} of {len(urls)} shards not found, e.g. {missing[0]}")
+    check_shards(urls, "--val-data")
 
     def make_loader():
         return get_wds_loader(urls, preprocess_val, tokenizer, batch_size=args.batch_size,
@@ -158,31 +179,33 @@ def build_val(args, preprocess_val, tokenizer):
     return make_loader
 
 
-def run(args) -> int:
+def train(args) -> int:
     info = init_distributed(args.device, args.dist_backend)
-    setup_logging(info, None)
+    _logging(info, None)
     # ---- checks that fail fast, identical on every rank, before any collective call ----
     try:
         diffclip.get_model_config(args.model)
     except ValueError as e:
-        raise CLIError(f"--model: {e}") from None
+        raise UsageError(f"--model: {e}") from None
     if args.resume == "latest" and not args.name:
-        raise CLIError("--resume latest needs --name: the run folder to continue")
+        raise UsageError("--resume latest needs --name: the run folder to continue")
     name = args.name or _broadcast(default_name(args), info)
     args.name = name
     run_dir = Path(args.logs) / name
     resume_latest = args.resume == "latest"
     if args.resume and not resume_latest and not Path(args.resume).is_file():
-        raise CLIError(f"--resume: checkpoint not found: {args.resume}")
+        raise UsageError(f"--resume: checkpoint not found: {args.resume}")
     if run_dir.exists() and not args.resume:
-        raise CLIError(f"run folder {run_dir} exists: pass --resume latest to continue it, or another --name")
+        raise UsageError(f"run folder {run_dir} exists: pass --resume latest to continue it, or another --name")
+    check_writable(run_dir / "out.log", "--logs")
     tokenizer = diffclip.get_tokenizer(args.model)
     seed_everything(args.seed)  # the same initial weights on every rank
     try:
         model, preprocess_train, preprocess_val = diffclip.create_model_and_transforms(args.model,
                                                                                        pretrained=args.pretrained)
-    except (FileNotFoundError, ConnectionError, RuntimeError, ValueError) as e:
-        raise CLIError(f"--pretrained {args.pretrained}: {e}" if args.pretrained else f"--model: {e}") from None
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
+        raise UsageError(f"--pretrained {args.pretrained}: {one_line(e)}" if args.pretrained
+                         else f"--model: {one_line(e)}") from None
     try:
         make_loader = build_data(args, info, preprocess_train, tokenizer)
         make_val = build_val(args, preprocess_val, tokenizer) if args.val_data else None
@@ -191,36 +214,56 @@ def run(args) -> int:
             from diffclip.training.zero_shot_eval import load_zeroshot_set
             zs = load_zeroshot_set(args.zeroshot_data, preprocess_val)
         data = make_loader(0)  # one loader for the whole run (persistent workers); set_epoch selects the epoch
-    except (FileNotFoundError, ValueError) as e:
-        raise CLIError(str(e)) from None
+    except (OSError, ValueError) as e:
+        raise UsageError(one_line(e)) from None
     steps_per_epoch = data.num_batches // args.accum_freq
     if steps_per_epoch < 1:
-        raise CLIError(f"an epoch has {data.num_batches} batches of {args.batch_size} per process, fewer than "
+        raise UsageError(f"an epoch has {data.num_batches} batches of {args.batch_size} per process, fewer than "
                        f"--accum-freq {args.accum_freq}: lower --batch-size or give more data")
 
-    # ---- the run folder and logging ----
+    # ---- the checkpoint to resume from: read and matched to the model before the run folder is touched ----
+    resume_from = (None, None)
+    if args.resume:
+        try:
+            if resume_latest:
+                resume_from = find_loadable(run_dir / "checkpoints", steps_per_epoch) or (None, None)
+            else:
+                resume_from = (Path(args.resume), read_checkpoint(args.resume))
+            if resume_from[1] is not None:
+                written_for = resume_from[1].get("model_name")
+                load_state_dict(model, resume_from[1]["state_dict"], source=f"checkpoint {resume_from[0].name}"
+                                + (f" (written for --model {written_for})" if written_for else ""))
+        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
+            raise UsageError(f"--resume {args.resume}: {one_line(e)}") from None
+
+    # ---- the run folder (locked for the run's life) and logging ----
     barrier(info)
+    lock_error, lock = None, None
+    if info.is_master:
+        created = not run_dir.exists()
+        try:
+            lock = RunLock(run_dir)
+        except UsageError as e:
+            lock_error = str(e)
+            if created:  # the folder was made here: leave nothing behind
+                with contextlib.suppress(OSError):
+                    (run_dir / ".lock").unlink()
+                    run_dir.rmdir()
+    lock_error = _broadcast(lock_error, info)
+    if lock_error:
+        raise UsageError(lock_error)
     if info.is_master:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     barrier(info)
-    setup_logging(info, run_dir / "out.log")
+    _logging(info, run_dir / "out.log")
     if info.is_master:
-        with open(run_dir / "params.txt", "w") as f:
-            for k, v in sorted(vars(args).items()):
-                f.write(f"{k}: {v}\n")
+        write_text(run_dir / "params.txt", "".join(f"{k}: {v}\n" for k, v in sorted(vars(args).items())))
     log.info("run folder %s; %d process(es) on %s; model %s", run_dir, info.world_size, info.device, args.model)
 
     results_path = run_dir / "results.jsonl"
-
-    def write_result(record: dict) -> None:
-        if info.is_master:
-            with open(results_path, "a") as f:
-                f.write(dumps(record) + "\n")
-
-    tb_writer = None
-    if info.is_master and args.report_to == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
-        tb_writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    metrics_log = None
+    if info.is_master:
+        metrics_log = MetricsLogger(results_path, run_dir / "tensorboard" if args.report_to == "tensorboard" else None)
 
     # ---- model, loss, optimizer ----
     model.train()
@@ -229,11 +272,8 @@ def run(args) -> int:
             model.logit_scale.fill_(SigLipLoss.INIT_LOGIT_SCALE)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    model = model.to(info.device)
-    input_dtype = torch.float32
-    if args.precision == "bf16":
-        model = model.to(torch.bfloat16)
-        input_dtype = torch.bfloat16
+    model = cast_model(model.to(info.device), args.precision)
+    input_dtype = get_input_dtype(args.precision) or torch.float32
     n_params = sum(p.numel() for p in model.parameters())
     log.info("%s: %s parameters", args.model, f"{n_params:,}")
     if args.siglip:
@@ -250,9 +290,7 @@ def run(args) -> int:
     loss_fn = loss_fn.to(info.device)
     optimizer = torch.optim.AdamW(param_groups(model, args.wd, loss_fn), lr=args.lr,
                                   betas=(args.beta1, args.beta2), eps=args.eps)
-    scaler = None
-    if args.precision == "amp" and info.device.type == "cuda":
-        scaler = torch.amp.GradScaler("cuda")
+    scaler = torch.amp.GradScaler(info.device.type) if needs_grad_scaler(args.precision, info.device.type) else None
     ddp_model = model
     if info.distributed:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -268,28 +306,30 @@ def run(args) -> int:
     def lr_fn(step: int) -> float:
         return schedule(step, args.lr, warmup, total_steps)
 
-    autocast = get_autocast(args.precision, info.device)
-    eval_autocast = (lambda: torch.autocast(info.device.type, dtype=torch.bfloat16)) if args.precision == "bf16" \
-        else autocast
+    autocast = get_autocast(args.precision, info.device.type)
+    # with cast weights (bf16/fp16) evaluation runs under autocast of that dtype, for the fp32 ops it mixes in
+    eval_autocast = autocast if autocast_dtype(args.precision, info.device.type) or input_dtype == torch.float32 \
+        else (lambda: torch.autocast(info.device.type, dtype=input_dtype))
     state = TrainState(args=args, model=ddp_model, loss_fn=loss_fn, optimizer=optimizer, scaler=scaler, dist=info,
                        autocast=autocast, input_dtype=input_dtype, lr_fn=lr_fn, steps_per_epoch=steps_per_epoch,
-                       total_steps=total_steps, results=write_result, tb_writer=tb_writer)
+                       total_steps=total_steps, metrics=metrics_log)
 
-    seed_everything(args.seed + info.rank)  # per-rank streams from here on (restored by a resume)
+    seed_everything(args.seed, info.rank)  # per-rank streams from here on (restored by a resume)
 
     # ---- resume ----
     batches_done = 0
     ckpt_dir = run_dir / "checkpoints"
     if args.resume:
-        path = find_latest(ckpt_dir, steps_per_epoch) if resume_latest else Path(args.resume)
+        path, ckpt = resume_from
         if path is None:
             log.info("--resume latest: no checkpoint in %s, starting from scratch", ckpt_dir)
         else:
-            batches_done = load_checkpoint(path, state, info)
+            batches_done = load_checkpoint(path, state, info, ckpt)
             if batches_done >= steps_per_epoch * args.accum_freq:
                 state.epoch, batches_done = state.epoch + 1, 0
-            write_result({"type": "resume", "step": state.step, "epoch": state.epoch, "batches_done": batches_done,
-                          "checkpoint": str(path)})
+            if metrics_log is not None:
+                metrics_log.log("resume", state.step, {}, epoch=state.epoch, batches_done=batches_done,
+                                checkpoint=str(path))
 
     log.info("training %d epochs of %d steps (global batch %d = %d per process x %d accum x %d processes), "
              "%d warm-up steps, lr %g", args.epochs, steps_per_epoch,
@@ -326,14 +366,13 @@ def run(args) -> int:
         train_one_epoch(state, data, batches_done, on_step)
         batches_done = 0
         stats = _sum_over_ranks(_stats_dict(data.stats), info)
+        done = epoch + 1
         if info.is_master:
             log.info("epoch %d done (step %d); data: %s", epoch, state.step,
                      ", ".join(f"{k} {v}" for k, v in stats.items()) or "no skip statistics")
-            write_result({"type": "data", "epoch": epoch, "step": state.step, **stats})
-            if tb_writer is not None:
-                for k, v in stats.items():
-                    tb_writer.add_scalar(f"data/{k}", v, state.step)
-        done = epoch + 1
+            metrics_log.log("data", state.step, stats, epoch=epoch)
+        if will_save_epoch(epoch):  # the epoch is kept before any evaluation runs
+            save(ckpt_dir / f"epoch_{done}.pt", 0, epoch=done)
         rng_before_eval = rng_state()  # evaluation loaders draw from the global RNGs: keep training's streams
         if info.is_master:
             plain = unwrap_model(ddp_model)
@@ -344,22 +383,14 @@ def run(args) -> int:
                                        batch_size=args.batch_size, workers=min(args.workers, 2))
                 log.info("epoch %d zero-shot %s: %s", epoch, zs.name,
                          ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-                write_result({"type": "zeroshot", "dataset": zs.name, "epoch": epoch, "step": state.step, **metrics})
-                if tb_writer is not None:
-                    for k, v in metrics.items():
-                        tb_writer.add_scalar(f"zeroshot/{k}", v, state.step)
+                metrics_log.log("zeroshot", state.step, metrics, dataset=zs.name, epoch=epoch)
             if make_val is not None and args.val_frequency and (done % args.val_frequency == 0
                                                                 or done == args.epochs):
                 metrics = evaluate_val(plain, val_loss_fn, make_val(), info.device, eval_autocast, input_dtype)
                 log.info("epoch %d validation: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-                write_result({"type": "val", "epoch": epoch, "step": state.step, **metrics})
-                if tb_writer is not None:
-                    for k, v in metrics.items():
-                        tb_writer.add_scalar(f"val/{k}", v, state.step)
+                metrics_log.log("val", state.step, metrics, epoch=epoch)
         set_rng_state(rng_before_eval)
         barrier(info)
-        if will_save_epoch(epoch):
-            save(ckpt_dir / f"epoch_{done}.pt", 0, epoch=done)
     if state.step < total_steps:
         log.info("nothing left to train (step %d of %d)", state.step, total_steps)
 
@@ -367,27 +398,25 @@ def run(args) -> int:
         out = run_dir / "final_model"
         unwrap_model(ddp_model).save_pretrained(out)
         log.info("final weights: %s (diffclip.create_model(%r, pretrained=%r))", out, args.model, str(out))
-    if tb_writer is not None:
-        tb_writer.close()
+    if metrics_log is not None:
+        metrics_log.close()
     log.info("done in %.1f min: logs %s, results %s, checkpoints %s%s", (time.time() - t0) / 60, run_dir / "out.log",
-             results_path, ckpt_dir, f", TensorBoard {run_dir / 'tensorboard'}" if tb_writer is not None else "")
+             results_path, ckpt_dir, f", TensorBoard {run_dir / 'tensorboard'}" if args.report_to == "tensorboard" else "")
     barrier(info)
     cleanup(info)
+    if lock is not None:
+        lock.release()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (CLIError, FileNotFoundError, NotADirectoryError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        sys.stderr.write(f"main.py: error: {msg}\n")
-        return 1
-    except KeyboardInterrupt:
-        sys.stderr.write("main.py: interrupted\n")
-        return 130
+    return train(parse_args(argv))
+
+
+def cli() -> None:
+    """The ``diffclip-train`` console script: one line and exit status 1 for bad input (argparse: 2)."""
+    run(main)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

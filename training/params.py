@@ -3,39 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-__all__ = ["parse_args", "OneLineArgumentParser", "PRECISIONS"]
+from diffclip.cli import ArgumentParser, nonneg_float, nonneg_int, positive_float, positive_int, unit_interval
+from diffclip.runtime import PRECISIONS
 
-PRECISIONS = ("fp32", "amp", "amp_bf16", "bf16")
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line on stderr (``main.py: error: ...``) and exit code 2."""
-
-    def error(self, message: str):
-        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
-        sys.exit(2)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
-
-def _nonneg_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
+__all__ = ["parse_args", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineArgumentParser(prog="main.py", description="Contrastive (CLIP / SigLIP) training of DiffCLIP and "
-                              "CLIP baselines on webdataset shards; one process per device under torchrun.",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="main.py", description="Contrastive (CLIP / SigLIP) training of DiffCLIP and "
+                       "CLIP baselines on webdataset shards; one process per device under torchrun.")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="DiffCLIP-Tiny-64", help="model config name (diffclip.list_models()) or "
                    "hf-hub:org/repo")
@@ -50,39 +27,39 @@ def build_parser() -> argparse.ArgumentParser:
                    "e.g. 'cc3m/{00000..00331}.tar::cc12m/{00000..01242}.tar'")
     g.add_argument("--train-data-upsampling-factors", default=None, help="'::'-separated sampling weights, one "
                    "per source of --train-data (needs --dataset-resampled)")
-    g.add_argument("--train-num-samples", type=_positive_int, default=None, help="samples per epoch (default: "
+    g.add_argument("--train-num-samples", type=positive_int, default=None, help="samples per epoch (default: "
                    "from sizes.json / __len__ of the shards)")
     g.add_argument("--dataset-resampled", action="store_true", help="sample shards with replacement")
     g.add_argument("--val-data", default=None, help="validation shards (contrastive loss and retrieval recall)")
-    g.add_argument("--val-num-samples", type=_positive_int, default=None, help="validation samples, for shards "
+    g.add_argument("--val-num-samples", type=positive_int, default=None, help="validation samples, for shards "
                    "without sizes.json / __len__")
-    g.add_argument("--workers", type=_nonneg_int, default=1, help="data loader workers per process")
+    g.add_argument("--workers", type=nonneg_int, default=1, help="data loader workers per process")
     g.add_argument("--zeroshot-data", default=None, help="zero-shot set: an image folder with one sub-folder per "
                    "class, optional classnames.txt (one name per sub-folder, sorted order) and templates.txt "
                    "(one prompt with '{}' per line)")
-    g.add_argument("--zeroshot-frequency", type=_nonneg_int, default=1, help="zero-shot evaluation every n epochs "
+    g.add_argument("--zeroshot-frequency", type=nonneg_int, default=1, help="zero-shot evaluation every n epochs "
                    "(0: never)")
-    g.add_argument("--val-frequency", type=_nonneg_int, default=1, help="validation every n epochs (0: never)")
+    g.add_argument("--val-frequency", type=nonneg_int, default=1, help="validation every n epochs (0: never)")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=_positive_int, default=64, help="batch size per process (per micro-batch "
+    g.add_argument("--batch-size", type=positive_int, default=64, help="batch size per process (per micro-batch "
                    "with --accum-freq)")
-    g.add_argument("--epochs", type=_positive_int, default=32)
-    g.add_argument("--lr", type=float, default=5e-4)
-    g.add_argument("--wd", type=float, default=0.2, help="AdamW weight decay (not on gains, biases, 1-D "
+    g.add_argument("--epochs", type=positive_int, default=32)
+    g.add_argument("--lr", type=positive_float, default=5e-4)
+    g.add_argument("--wd", type=nonneg_float, default=0.2, help="AdamW weight decay (not on gains, biases, 1-D "
                    "parameters, positional/class embeddings, lambda vectors, logit scale/bias)")
-    g.add_argument("--beta1", type=float, default=0.9)
-    g.add_argument("--beta2", type=float, default=0.98)
-    g.add_argument("--eps", type=float, default=1e-6)
-    g.add_argument("--warmup", type=_nonneg_int, default=10000, help="linear warm-up steps before the cosine decay")
+    g.add_argument("--beta1", type=unit_interval, default=0.9)
+    g.add_argument("--beta2", type=unit_interval, default=0.98)
+    g.add_argument("--eps", type=positive_float, default=1e-6)
+    g.add_argument("--warmup", type=nonneg_int, default=10000, help="linear warm-up steps before the cosine decay")
     g.add_argument("--lr-scheduler", choices=("cosine", "const"), default="cosine")
     g.add_argument("--precision", choices=PRECISIONS, default="amp", help="fp32; amp (fp16 autocast + grad "
                    "scaler on CUDA, bf16 autocast on CPU); amp_bf16 (bf16 autocast); bf16 (pure bf16 weights)")
-    g.add_argument("--accum-freq", type=_positive_int, default=1, help="micro-batches per optimizer step, with "
+    g.add_argument("--accum-freq", type=positive_int, default=1, help="micro-batches per optimizer step, with "
                    "the gradient of the whole batch (features cached, then recomputed per micro-batch)")
     g.add_argument("--local-loss", action="store_true", help="each rank computes only its rows of the logits")
     g.add_argument("--gather-with-grad", action="store_true", help="autograd all-gather of the features")
-    g.add_argument("--grad-clip-norm", type=float, default=None)
+    g.add_argument("--grad-clip-norm", type=positive_float, default=None)
     g.add_argument("--seed", type=int, default=0)
 
     g = p.add_argument_group("run, checkpoints and logging")
@@ -90,11 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "torchrun write --logs-dir: torchrun's parser takes --logs for an abbreviation of its --logs-specs)")
     g.add_argument("--name", default=None, help="run folder name under --logs (default: date, model, lr, batch)")
     g.add_argument("--resume", default=None, help="a checkpoint file, or 'latest' (the newest in the run folder)")
-    g.add_argument("--save-frequency", type=_nonneg_int, default=1, help="checkpoint every n epochs (0: never)")
-    g.add_argument("--save-every-n-steps", type=_nonneg_int, default=0, help="also checkpoint every n steps, "
+    g.add_argument("--save-frequency", type=nonneg_int, default=1, help="checkpoint every n epochs (0: never)")
+    g.add_argument("--save-every-n-steps", type=nonneg_int, default=0, help="also checkpoint every n steps, "
                    "mid-epoch included (0: never)")
     g.add_argument("--delete-previous-checkpoint", action="store_true", help="keep only the newest checkpoint")
-    g.add_argument("--log-every-n-steps", type=_positive_int, default=100, help="log (and write results.jsonl) "
+    g.add_argument("--log-every-n-steps", type=positive_int, default=100, help="log (and write results.jsonl) "
                    "every n steps")
     g.add_argument("--report-to", default="", help="'tensorboard' to write TensorBoard scalars")
     g.add_argument("--device", default=None, help="cpu, cuda (one device per process, the local rank's) or "
@@ -116,12 +93,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--report-to must be 'tensorboard' (or empty), got {args.report_to!r}")
     if args.siglip and (args.local_loss or args.gather_with_grad):
         parser.error("--siglip always gathers the texts with gradients; drop --local-loss / --gather-with-grad")
-    if args.lr <= 0:
-        parser.error(f"--lr must be > 0, got {args.lr}")
-    if args.wd < 0:
-        parser.error(f"--wd must be >= 0, got {args.wd}")
-    if args.grad_clip_norm is not None and args.grad_clip_norm <= 0:
-        parser.error(f"--grad-clip-norm must be > 0, got {args.grad_clip_norm}")
     if args.name is not None and ("/" in args.name or args.name in ("", ".", "..")):
         parser.error(f"--name must be a plain folder name, got {args.name!r}")
     return args

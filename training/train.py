@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ from diffclip.metrics import retrieval_metrics
 
 from .distributed import DistInfo, all_reduce_mean
 
-__all__ = ["unwrap_model", "param_groups", "cosine_lr", "const_lr", "get_autocast", "encode", "forward_backward",
+__all__ = ["unwrap_model", "param_groups", "cosine_lr", "const_lr", "encode", "forward_backward",
            "sync_loss_grads", "train_step", "TrainState", "train_one_epoch", "evaluate_val"]
 
 log = logging.getLogger("train")
@@ -44,36 +44,29 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def _no_decay_names(model: nn.Module) -> set[str]:
-    names = {"logit_scale", "logit_bias", "positional_embedding"}
-    visual = getattr(model, "visual", None)
-    if visual is not None and hasattr(visual, "no_weight_decay"):
-        names |= {f"visual.{n}" for n in visual.no_weight_decay()}
-    return names
-
-
 def param_groups(model: nn.Module, weight_decay: float, extra: nn.Module | None = None) -> list[dict]:
-    """AdamW parameter groups: weight decay on weight matrices only.
+    """AdamW parameter groups: weight decay on weight matrices only, through timm's
+    ``param_groups_weight_decay`` (open_clip's rule).
 
-    No decay on: every parameter with fewer than 2 dimensions (LayerNorm gains and biases, all biases, the
-    head-wise RMSNorm gains ``diff_norm.weight``, the differential-attention vectors ``lambda_q1``/``lambda_k1``/
+    No decay on: every parameter with fewer than 2 dimensions and every bias (LayerNorm gains, the head-wise
+    RMSNorm gains ``diff_norm.weight``, the differential-attention vectors ``lambda_q1``/``lambda_k1``/
     ``lambda_q2``/``lambda_k2``, ``logit_scale``), the positional and class embeddings (``visual.pos_embed``,
-    ``visual.cls_token``, text ``positional_embedding``: what timm's ``no_weight_decay()`` lists) and the
+    ``visual.cls_token`` - what timm's ``no_weight_decay()`` lists - and the text ``positional_embedding``) and the
     parameters of ``extra`` (the SigLIP ``logit_bias``). Decay on the projections, MLP and attention matrices,
-    patch embedding and token embedding (as open_clip does).
+    patch embedding and token embedding.
 
     Returns:
         ``[{"params": decay, "weight_decay": wd, "name": "decay"}, {"params": no_decay, "weight_decay": 0., ...}]``.
     """
-    skip = _no_decay_names(model)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim < 2 or name.endswith(".bias") or name in skip or name.rsplit(".", 1)[-1].startswith("lambda_"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
+    from timm.optim import param_groups_weight_decay
+
+    skip = ["positional_embedding"]
+    visual = getattr(model, "visual", None)
+    if visual is not None and hasattr(visual, "no_weight_decay"):
+        skip += [f"visual.{n}" for n in visual.no_weight_decay()]
+    groups = param_groups_weight_decay(model, weight_decay if weight_decay else 1.0, no_weight_decay_list=skip)
+    decay = [p for g in groups if g["weight_decay"] > 0 for p in g["params"]]
+    no_decay = [p for g in groups if g["weight_decay"] == 0 for p in g["params"]]
     if extra is not None:
         no_decay += [p for p in extra.parameters() if p.requires_grad]
     return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
@@ -92,17 +85,6 @@ def cosine_lr(step: int, base_lr: float, warmup: int, total_steps: int) -> float
 def const_lr(step: int, base_lr: float, warmup: int, total_steps: int) -> float:
     """Linear warm-up, then constant."""
     return base_lr * (step + 1) / warmup if step < warmup else base_lr
-
-
-def get_autocast(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    """Factory of the autocast context of ``precision``: ``amp`` is fp16 autocast on CUDA and bf16 on CPU,
-    ``amp_bf16`` bf16 autocast; ``fp32`` and pure ``bf16`` use no autocast."""
-    if precision == "amp":
-        dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-        return lambda: torch.autocast(device.type, dtype=dtype)
-    if precision == "amp_bf16":
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
 
 
 def encode(model: nn.Module, images: torch.Tensor, texts: torch.Tensor):
@@ -213,6 +195,32 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
     return loss
 
 
+class MetricsLogger:
+    """The one place a run's metrics go (rank 0): a line of JSON per record in ``results.jsonl`` and, when
+    ``tensorboard_dir`` is given, each number as the TensorBoard scalar ``<kind>/<name>`` at the record's step."""
+
+    def __init__(self, results_path, tensorboard_dir=None):
+        self.path = results_path
+        self.tb = None
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(tensorboard_dir))
+
+    def log(self, kind: str, step: int, values: dict, **context) -> None:
+        """Appends ``{"type": kind, "step": step, **context, **values}``; ``values``' numbers go to TensorBoard."""
+        with open(self.path, "a") as f:
+            f.write(dumps({"type": kind, "step": step, **context, **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
 @dataclass
 class TrainState:
     """Everything the epoch loop needs; ``step`` counts optimizer steps since the start of training."""
@@ -230,9 +238,7 @@ class TrainState:
     total_steps: int
     step: int = 0
     epoch: int = 0
-    results: Callable[[dict], None] = lambda record: None
-    tb_writer: object = None
-    extra: dict = field(default_factory=dict)
+    metrics: MetricsLogger | None = None
 
 
 def _to_device(batch, device, dtype):
@@ -289,8 +295,7 @@ def train_one_epoch(state: TrainState, data, start_batch: int = 0,
             if info.is_master:
                 elapsed = t_last - t_log
                 scale = unwrap_model(model).logit_scale.exp().item()
-                record = {"type": "train", "step": state.step, "epoch": state.epoch,
-                          "epoch_progress": step_in_epoch / n_steps, "loss": loss_mean, "lr": lr,
+                record = {"epoch_progress": step_in_epoch / n_steps, "loss": loss_mean, "lr": lr,
                           "logit_scale": scale, "samples_per_second": n_timed * global_batch / max(elapsed, 1e-9),
                           "samples_per_second_per_process": n_timed * global_batch / info.world_size
                           / max(elapsed, 1e-9), "data_time": data_time / n_timed, "batch_time": batch_time / n_timed}
@@ -301,12 +306,8 @@ def train_one_epoch(state: TrainState, data, start_batch: int = 0,
                          "data %.3fs batch %.3fs", state.epoch, state.step, state.total_steps, step_in_epoch,
                          loss_mean, lr, scale, record["samples_per_second"], record["data_time"],
                          record["batch_time"])
-                state.results(record)
-                if state.tb_writer is not None:
-                    for key in ("loss", "lr", "logit_scale", "samples_per_second", "data_time", "batch_time",
-                                "logit_bias"):
-                        if key in record:
-                            state.tb_writer.add_scalar(f"train/{key}", record[key], state.step)
+                if state.metrics is not None:
+                    state.metrics.log("train", state.step, record, epoch=state.epoch)
             data_time = batch_time = 0.0
             n_timed = 0
             t_log = time.perf_counter()

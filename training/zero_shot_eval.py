@@ -1,74 +1,68 @@
 """Zero-shot classification during training (``--zeroshot-data DIR --zeroshot-frequency n``).
 
-``DIR`` is an image folder with one sub-folder per class (torchvision ``ImageFolder``: classes in sorted
-folder order). Optional files in ``DIR``: ``classnames.txt`` (one name per line, in the same order; default:
-the folder names with ``_`` read as spaces) and ``templates.txt`` (one prompt per line with ``{}`` for the
-class name; default :data:`DEFAULT_TEMPLATES`). The classifier and the metrics are
-:func:`diffclip.zero_shot.build_zero_shot_classifier` and :func:`diffclip.metrics.classification_metrics`.
+``DIR`` is read by the evaluation suite's ``folder`` reader (:mod:`diffclip.eval.readers`): one sub-folder of
+images per class, in sorted order; optional ``classnames.txt`` (one readable name per line, same order) and
+``templates.txt`` (one prompt per line with ``{}`` or ``{c}`` for the class name). Every image is decoded once
+when the set is loaded, before training starts: undecodable files are left out and counted in the log, so an
+evaluation can never end a run. The classifier and the metrics are :mod:`diffclip.zero_shot`'s.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
 from pathlib import Path
 
 import torch
-from torchvision.datasets import ImageFolder
 
+from diffclip.images import undecodable
 from diffclip.zero_shot import build_zero_shot_classifier, zero_shot_evaluate
 
-__all__ = ["ZeroShotSet", "load_zeroshot_set", "run_zeroshot", "DEFAULT_TEMPLATES"]
+__all__ = ["load_zeroshot_set", "run_zeroshot"]
 
-DEFAULT_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "{}"]
-
-
-@dataclass
-class ZeroShotSet:
-    dataset: ImageFolder
-    classnames: list[str]
-    templates: list[str]
-    name: str
+log = logging.getLogger("diffclip.train")
 
 
-def _lines(path: Path) -> list[str]:
-    return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-
-
-def load_zeroshot_set(root: str | Path, preprocess) -> ZeroShotSet:
-    """Reads the zero-shot folder ``root`` with the eval transform ``preprocess``.
+def load_zeroshot_set(root: str | Path, preprocess):
+    """The zero-shot folder ``root`` with the eval transform ``preprocess`` (a ``folder`` dataset with
+    ``classnames``, ``templates`` and ``name``), undecodable images left out.
 
     Raises:
         FileNotFoundError: ``root`` missing or without class folders of images.
-        ValueError: ``classnames.txt`` with a different count than the class folders, or a template without ``{}``.
+        ValueError: a ``classnames.txt`` with another count than the class folders, a template without exactly one
+        placeholder, or no decodable image at all.
     """
+    from diffclip.eval import readers
+
+    from diffclip.zero_shot import format_prompts
+
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"--zeroshot-data {root}: no such directory")
     try:
-        dataset = ImageFolder(str(root), transform=preprocess)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise FileNotFoundError(f"--zeroshot-data {root}: {str(e).splitlines()[0]}") from None
-    classnames = [c.replace("_", " ") for c in dataset.classes]
-    if (root / "classnames.txt").is_file():
-        classnames = _lines(root / "classnames.txt")
-        if len(classnames) != len(dataset.classes):
-            raise ValueError(f"{root / 'classnames.txt'} has {len(classnames)} names for {len(dataset.classes)} "
-                             "class folders")
-    templates = _lines(root / "templates.txt") if (root / "templates.txt").is_file() else list(DEFAULT_TEMPLATES)
-    bad = [t for t in templates if "{}" not in t]
+        dataset = readers.build_dataset("folder", root, None, preprocess)
+        format_prompts(dataset.classnames[:1], dataset.templates)  # checks the templates
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"--zeroshot-data {root}: {str(e).splitlines()[0]}") from None
+    bad = undecodable(p for p, _ in dataset.samples)
     if bad:
-        raise ValueError(f"zero-shot template without '{{}}': {bad[0]!r}")
-    return ZeroShotSet(dataset, classnames, templates, root.name)
+        skip = {p for p, _ in bad}
+        dataset.samples = [s for s in dataset.samples if s[0] not in skip]
+        dataset.targets = [t for _, t in dataset.samples]
+        log.warning("--zeroshot-data %s: skipped %d undecodable image(s), e.g. %s", root, len(bad), bad[0][1])
+    if not dataset.samples:
+        raise ValueError(f"--zeroshot-data {root}: no decodable image")
+    dataset.name = root.name
+    return dataset
 
 
-def run_zeroshot(model, tokenizer, zs: ZeroShotSet, device: torch.device, autocast, batch_size: int = 64,
+def run_zeroshot(model, tokenizer, zs, device: torch.device, autocast, batch_size: int = 64,
                  workers: int = 0) -> dict[str, float]:
     """Top-1/top-5 accuracy and mean per-class recall of ``model`` on ``zs`` (one process)."""
     was_training = model.training
     model.eval()
     classifier = build_zero_shot_classifier(model, tokenizer, zs.classnames, zs.templates, device=device,
                                             autocast=autocast)
-    loader = torch.utils.data.DataLoader(zs.dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    loader = torch.utils.data.DataLoader(zs, batch_size=batch_size, shuffle=False, num_workers=workers)
     metrics = zero_shot_evaluate(model, classifier, loader, device=device, autocast=autocast)
     model.train(was_training)
     return metrics

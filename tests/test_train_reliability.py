@@ -1,0 +1,107 @@
+"""training/main.py under the failures a long run meets: two runs started on one run folder, a newest checkpoint that
+is empty or truncated, an evaluation that fails after the epoch, corrupt images in the zero-shot folder, a resume
+with another --model. Real processes on real shards (scikit-image photos)."""
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from train_helpers import _env, _write_sources
+
+MAIN = Path(__file__).resolve().parents[1] / "training" / "main.py"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rel")
+    shards, zs = _write_sources(root)
+    # the zero-shot folder gets an undecodable image; a validation shard holds only undecodable images
+    (zs / "coffee" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    bad_val = root / "bad_val"
+    bad_val.mkdir()
+    with tarfile.open(bad_val / "00000.tar", "w") as tar:
+        for i in range(4):
+            for ext, payload in (("jpg", b"\xff\xd8 broken jpeg"), ("txt", b"a caption")):
+                info = tarfile.TarInfo(f"{i:03d}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    (bad_val / "sizes.json").write_text('{"00000.tar": 4}')
+    return {"root": root, "shards": shards, "zs": zs, "bad_val": bad_val}
+
+
+def _cmd(data, logs, name, *extra, model="DiffCLIP-Tiny-64"):
+    return [sys.executable, str(MAIN), "--model", model, "--train-data", str(data["shards"]), "--batch-size", "8",
+            "--train-num-samples", "16", "--epochs", "1", "--lr", "1e-3", "--warmup", "1", "--precision", "fp32",
+            "--workers", "0", "--logs", str(logs), "--name", name, "--log-every-n-steps", "1", *extra]
+
+
+def _run(cmd, timeout=300):
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _one_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if "error:" in ln]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return lines[0]
+
+
+def test_two_runs_on_one_run_folder(data, tmp_path):
+    """Started together with the same --name: one trains, the other stops at once with one line; a --resume
+    latest during the run is refused naming the holder's PID; results.jsonl holds one run's records."""
+    runs = [subprocess.Popen(_cmd(data, tmp_path, "same", "--epochs", "15"), env=_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    lock = tmp_path / "same" / ".lock"
+    deadline = time.time() + 120
+    while not (lock.exists() and lock.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.05)
+    holder = int(lock.read_text())
+    third = _run(_cmd(data, tmp_path, "same", "--resume", "latest"))
+    outs = [p.communicate(timeout=300) + (p.returncode,) for p in runs]
+    assert sorted(code for _, _, code in outs) == [0, 1], [err[-2000:] for _, err, _ in outs]
+    winner = next(p for p, (_, _, code) in zip(runs, outs) if code == 0)
+    loser_err = next(err for _, err, code in outs if code == 1)
+    assert "same" in _one_line(loser_err)
+    assert third.returncode == 1 and f"in use by the run of PID {holder}" in _one_line(third.stderr)
+    assert holder == winner.pid
+    steps = [json.loads(x)["step"] for x in (tmp_path / "same" / "results.jsonl").read_text().splitlines()
+             if json.loads(x)["type"] == "train"]
+    assert steps == list(range(1, 31))  # one run's steps, once each
+
+
+def test_resume_passes_over_a_bad_newest_checkpoint(data, tmp_path):
+    assert _run(_cmd(data, tmp_path, "r")).returncode == 0
+    ckpts = tmp_path / "r" / "checkpoints"
+    good = ckpts / "epoch_1.pt"
+    assert good.is_file()
+    (ckpts / "step_999.pt").write_bytes(b"")
+    (ckpts / "step_998.pt").write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    resumed = _run(_cmd(data, tmp_path, "r", "--resume", "latest", "--epochs", "2"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = (tmp_path / "r" / "out.log").read_text() + resumed.stderr
+    assert "passing over step_999.pt" in log and "passing over step_998.pt" in log
+    records = [json.loads(x) for x in (tmp_path / "r" / "results.jsonl").read_text().splitlines()]
+    (resume,) = [r for r in records if r["type"] == "resume"]
+    assert resume["checkpoint"].endswith("epoch_1.pt")
+    assert max(r["step"] for r in records if r["type"] == "train") == 4
+    # another --model cannot continue this run: the names that differ are listed
+    other = _run(_cmd(data, tmp_path, "r", "--resume", "latest", "--epochs", "3", model="CLIP-Tiny-64"))
+    line = _one_line(other.stderr)
+    assert other.returncode == 1 and "written for --model DiffCLIP-Tiny-64" in line and "lambda_q1" in line
+
+
+def test_a_failing_evaluation_keeps_the_epoch_and_corrupt_zero_shot_images_are_skipped(data, tmp_path):
+    r = _run(_cmd(data, tmp_path, "e", "--zeroshot-data", str(data["zs"]), "--val-data", str(data["bad_val"])))
+    assert r.returncode == 1
+    assert "validation" in _one_line(r.stderr)
+    assert (tmp_path / "e" / "checkpoints" / "epoch_1.pt").is_file()  # written before the evaluation
+    assert "skipped 1 undecodable image(s)" in r.stderr and "broken.png" in r.stderr  # checked before training
+    records = [json.loads(x) for x in (tmp_path / "e" / "results.jsonl").read_text().splitlines()]
+    zs = [r for r in records if r["type"] == "zeroshot"]
+    assert len(zs) == 1 and 0 <= zs[0]["acc1"] <= 1  # zero-shot ran (before the failing validation)
+    Image.open(data["zs"] / "chelsea" / "0.png").verify()  # the good images are untouched
