@@ -87,3 +87,9 @@ def check_writable(path: str | os.PathLike, what: str) -> Path:
     except OSError:
         raise ValueError(f"{what} {path}: folder {parent} is not writable") from None
     return path
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> None:
+    """Saves a matplotlib figure as PNG to ``path`` atomically (tight bounding box)."""
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")

@@ -15,13 +15,13 @@ of block 0) and the output of every block. Writes a heat-map PNG and a JSON with
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from diffclip.cli import ArgumentParser, positive_int, run
+from diffclip.files import check_writable, save_figure, write_json
 
 __all__ = ["gram", "centre", "cka_from_grams", "linear_cka", "layer_grams", "cka_matrix", "plot_matrix", "main"]
 
@@ -109,44 +109,41 @@ def plot_matrix(matrix: list[list[float]], names_a: list[str], names_b: list[str
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
     fig.colorbar(im, ax=ax, label="linear CKA")
     ax.set_title(title, fontsize=9)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    save_figure(fig, path)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Linear CKA between all layers of two ViTs on a dataset.")
+    p = ArgumentParser(description="Linear CKA between all layers of two ViTs on a dataset.")
     p.add_argument("--model-a", required=True, help="a checkpoint of eval/finetune.py or a diffclip name[@pretrained]")
     p.add_argument("--model-b", required=True, help="the second model (the same spec forms)")
     p.add_argument("--dataset", required=True, help="a dataset of eval.readers")
     p.add_argument("--data-root", default=None)
     p.add_argument("--split", default="test")
-    p.add_argument("--num-images", type=int, default=1000, help="the first N images of the split")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--num-images", type=positive_int, default=1000, help="the first N images of the split")
+    p.add_argument("--batch-size", type=positive_int, default=100)
     p.add_argument("--tokens", choices=("all", "cls", "mean"), default="all", help="what a layer's representation is")
     p.add_argument("--output", required=True, help="PNG path (a JSON is written beside it)")
     args = p.parse_args(argv)
-    from diffclip.eval.finetune import UsageError, eval_transform, load_vit
+    check_writable(args.output, "--output")
     from diffclip.eval.readers import build_dataset
 
-    try:
-        if args.num_images < 2:
-            raise ValueError(f"--num-images must be >= 2, got {args.num_images}")
-        models = [load_vit(args.model_a), load_vit(args.model_b)]
-        grams, names = [], []
-        for model, data_cfg, _ in models:
-            try:
-                ds = build_dataset(args.dataset, args.data_root, args.split, eval_transform(data_cfg))
-            except (FileNotFoundError, ValueError) as e:
-                raise ValueError(f"dataset {args.dataset!r}: {e}") from None
-            ds = torch.utils.data.Subset(ds, range(min(args.num_images, len(ds))))
-            loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size)
-            n, g = layer_grams(model, loader, args.tokens)
-            names.append(n)
-            grams.append(g)
-    except (UsageError, ValueError) as e:
-        print(f"cka.py: error: {e}", file=sys.stderr)
-        return 2
+    from diffclip.classifier import eval_transform, load_vit
+
+    if args.num_images < 2:
+        raise ValueError(f"--num-images must be >= 2, got {args.num_images}")
+    models = [load_vit(args.model_a), load_vit(args.model_b)]
+    grams, names = [], []
+    for model, data_cfg, _ in models:
+        try:
+            ds = build_dataset(args.dataset, args.data_root, args.split, eval_transform(data_cfg))
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"dataset {args.dataset!r}: {e}") from None
+        ds = torch.utils.data.Subset(ds, range(min(args.num_images, len(ds))))
+        loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size)
+        n, g = layer_grams(model, loader, args.tokens)
+        names.append(n)
+        grams.append(g)
     matrix = cka_matrix(grams[0], grams[1])
     (la, lb) = (models[0][2], models[1][2])
     title = f"linear CKA per layer\n{args.dataset} {args.split}, {len(ds)} images, tokens={args.tokens}"
@@ -155,10 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     record = {"model_a": args.model_a, "model_b": args.model_b, "label_a": la, "label_b": lb, "dataset": args.dataset,
               "split": args.split, "num_images": len(ds), "tokens": args.tokens, "layers_a": names[0],
               "layers_b": names[1], "cka": matrix, "diagonal": diag}
-    Path(args.output).with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    write_json(Path(args.output).with_suffix(".json"), record)
     print(f"wrote {args.output}; diagonal CKA: {', '.join(f'{v:.3f}' for v in diag)}")
     return 0
 
 
+def cli() -> None:
+    run(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -19,14 +19,16 @@ Writes the PNG and a JSON beside it (λ per layer, prediction, the chosen layers
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from diffclip.cli import ArgumentParser, nonneg_int, run
+from diffclip.files import check_writable, save_figure, write_json
+from diffclip.hub import torch_load
 
 __all__ = ["attention_layers", "attention_maps", "class_token_maps", "lambdas", "plot", "main"]
 
@@ -147,8 +149,7 @@ def plot(image, rows: list[dict], lams: list[float | None], title: str, path: st
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10, y=1 - 0.15 / height)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -196,7 +197,7 @@ def _load_image(args, data_cfg):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Draw A1, A2 and A1 − λ·A2 of a differential ViT for one image.")
+    p = ArgumentParser(description="Draw A1, A2 and A1 − λ·A2 of a differential ViT for one image.")
     p.add_argument("--checkpoint", required=True,
                    help="a checkpoint of eval/finetune.py, or a diffclip model name[@pretrained] (its vision tower)")
     p.add_argument("--contrast", default=None, help="a second model (e.g. the standard-ViT twin) drawn below")
@@ -205,49 +206,50 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--dataset", help="a dataset of eval.readers (with --data-root, --split, --index)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--split", default="test")
-    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--index", type=nonneg_int, default=0)
     p.add_argument("--layers", type=int, nargs="+", default=None, help="layer indices (default first, middle, last)")
     p.add_argument("--heads", type=int, nargs="+", default=None, help="head indices (default 0)")
     p.add_argument("--output", required=True, help="PNG path (a JSON is written beside it)")
     args = p.parse_args(argv)
-    from diffclip.eval.finetune import UsageError, eval_transform, load_vit
+    check_writable(args.output, "--output")
+    from diffclip.classifier import eval_transform, load_vit
 
-    try:
-        model, data_cfg, label = load_vit(args.checkpoint)
-        image, true_label, source = _load_image(args, data_cfg)
-        tf = eval_transform(data_cfg)
-        x = tf(image)[None]
-        out, maps = attention_maps(model, x)
-        if not any("a1" in m for m in maps):
-            print("visualize.py: note: the model uses standard attention; only A is drawn", file=sys.stderr)
-        rows, lidx, grid = _rows_for(model, maps, label.split(" (")[0], args.layers, args.heads)
-        lams = lambdas(model)
-        record = {"checkpoint": args.checkpoint, "source": source, "true_label": true_label, "layers": lidx,
-                  "heads": args.heads or [0], "grid": list(grid), "lambda_per_layer": lams}
-        ckpt_classes = None
-        if Path(args.checkpoint).is_file():
-            ckpt_classes = torch.load(args.checkpoint, map_location="cpu", weights_only=True).get("classnames")
-        if out.dim() == 2 and ckpt_classes:
-            record["predicted"] = ckpt_classes[int(out.argmax(1))]
-        contrast_lams = None
-        if args.contrast:
-            cmodel, ccfg, clabel = load_vit(args.contrast)
-            _, cmaps = attention_maps(cmodel, eval_transform(ccfg)(image)[None])
-            crows, _, _ = _rows_for(cmodel, cmaps, clabel.split(" (")[0], args.layers, args.heads)
-            rows += crows
-            contrast_lams = lambdas(cmodel)
-            record["contrast"] = args.contrast
-        disp = image.resize((data_cfg["img_size"],) * 2) if hasattr(image, "resize") else image
-        title = f"{label}: {source}" + (f" (label: {true_label}" if true_label else "") + \
-            (f", predicted: {record['predicted']})" if "predicted" in record else (")" if true_label else ""))
-        plot(disp, rows, lams, title, args.output, contrast_lams)
-    except (UsageError, ValueError) as e:
-        print(f"visualize.py: error: {e}", file=sys.stderr)
-        return 2
-    Path(args.output).with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    model, data_cfg, label = load_vit(args.checkpoint)
+    image, true_label, source = _load_image(args, data_cfg)
+    tf = eval_transform(data_cfg)
+    x = tf(image)[None]
+    out, maps = attention_maps(model, x)
+    if not any("a1" in m for m in maps):
+        print("visualize.py: note: the model uses standard attention; only A is drawn", file=sys.stderr)
+    rows, lidx, grid = _rows_for(model, maps, label.split(" (")[0], args.layers, args.heads)
+    lams = lambdas(model)
+    record = {"checkpoint": args.checkpoint, "source": source, "true_label": true_label, "layers": lidx,
+              "heads": args.heads or [0], "grid": list(grid), "lambda_per_layer": lams}
+    ckpt_classes = None
+    if Path(args.checkpoint).is_file():
+        ckpt_classes = torch_load(args.checkpoint).get("classnames")
+    if out.dim() == 2 and ckpt_classes:
+        record["predicted"] = ckpt_classes[int(out.argmax(1))]
+    contrast_lams = None
+    if args.contrast:
+        cmodel, ccfg, clabel = load_vit(args.contrast)
+        _, cmaps = attention_maps(cmodel, eval_transform(ccfg)(image)[None])
+        crows, _, _ = _rows_for(cmodel, cmaps, clabel.split(" (")[0], args.layers, args.heads)
+        rows += crows
+        contrast_lams = lambdas(cmodel)
+        record["contrast"] = args.contrast
+    disp = image.resize((data_cfg["img_size"],) * 2) if hasattr(image, "resize") else image
+    title = f"{label}: {source}" + (f" (label: {true_label}" if true_label else "") + \
+        (f", predicted: {record['predicted']})" if "predicted" in record else (")" if true_label else ""))
+    plot(disp, rows, lams, title, args.output, contrast_lams)
+    write_json(Path(args.output).with_suffix(".json"), record)
     print(f"wrote {args.output}; λ per layer: {', '.join('-' if v is None else f'{v:.3f}' for v in lams)}")
     return 0
 
 
+def cli() -> None:
+    run(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 from diffclip.eval.cka import cka_matrix, layer_grams, linear_cka, main
@@ -53,6 +54,7 @@ def test_cli_writes_png_and_json(tmp_path, capsys):
 
     rec = json.loads(out.with_suffix(".json").read_text())
     assert len(rec["cka"]) == 7 and all(abs(v - 1) < 1e-6 for v in rec["diagonal"])
-    assert main(["--model-a", "nope", "--model-b", spec, "--dataset", "folder", "--data-root", str(tmp_path),
-                 "--output", str(out)]) == 2
-    assert "cka.py: error:" in capsys.readouterr().err
+    from diffclip.cli import UsageError
+    with pytest.raises(UsageError, match="'nope' is neither"):
+        main(["--model-a", "nope", "--model-b", spec, "--dataset", "folder", "--data-root", str(tmp_path),
+              "--output", str(out)])

@@ -69,13 +69,21 @@ def test_one_epoch_end_to_end_then_resume(digits_folder, tmp_path):
     # resuming into a run folder of another model is refused in one line
     other = _argv(digits_folder, out, 3)
     other[other.index("--embed-dim") + 1] = "48"
-    assert main(other + ["--resume"]) == 2
+    from diffclip.cli import UsageError
+    with pytest.raises(UsageError, match="was written for another model"):
+        main(other + ["--resume"])
+    # a rerun into the same --output without --resume is refused before any work: nothing is overwritten
+    mtime, log_text = (out / "last.pt").stat().st_mtime_ns, (out / "log.jsonl").read_text()
+    with pytest.raises(UsageError, match="holds a run already: pass --resume"):
+        main(_argv(digits_folder, out, 2))
+    assert (out / "last.pt").stat().st_mtime_ns == mtime and (out / "log.jsonl").read_text() == log_text
 
 
 def test_init_from_diffclip_tower_copies_weights(tmp_path):
-    from diffclip.eval.finetune import build_model, parse_args
+    from diffclip.eval.finetune import parse_args
 
     import diffclip
+    from diffclip.classifier import build_model
 
     clip = diffclip.create_model("DiffCLIP-Tiny-64")
     clip.save_pretrained(tmp_path / "ckpt")
@@ -97,7 +105,9 @@ def test_init_from_diffclip_tower_copies_weights(tmp_path):
 
 def test_init_from_timm_checkpoint_keeps_fresh_head(tmp_path):
     import timm
-    from diffclip.eval.finetune import build_model, parse_args
+    from diffclip.eval.finetune import parse_args
+
+    from diffclip.classifier import build_model
 
     src = timm.create_model("diff_vit_nano_patch4_28", num_classes=3, embed_dim=32, depth=2)
     torch.save({"state_dict": {"module." + k: v for k, v in src.state_dict().items()}}, tmp_path / "w.pth")
@@ -119,27 +129,31 @@ def test_init_from_timm_checkpoint_keeps_fresh_head(tmp_path):
     ("--resume", None, "no "),
     ("--init", "/nonexistent.pth", "--init"),
     ("--num-heads", "3", "cannot build"),
+    ("--init", "GARBAGE", "garbage.pth"),
+    ("--precision", "fp8", "--precision"),
+    ("--output", "/proc/nowhere/run", "--output"),
+    ("--dataset", "no-such-dataset", "no-such-dataset"),
 ])
-def test_bad_input_one_line_error(digits_folder, tmp_path, capsys, flag, value, message):
+def test_bad_input_one_line_error(digits_folder, tmp_path, capsys, monkeypatch, flag, value, message):
     from diffclip.eval.finetune import main
 
+    from diffclip.cli import run
+
+    if value == "GARBAGE":
+        value = str(tmp_path / "garbage.pth")
+        (tmp_path / "garbage.pth").write_bytes(b"\x80\x02 not a checkpoint")
     argv = _argv(digits_folder, tmp_path / "bad", 1)
     if flag in argv:
         argv[argv.index(flag) + 1] = value
     else:
         argv += [flag] + ([value] if value is not None else [])
-    assert main(argv) == 2
+    monkeypatch.setattr(sys, "argv", ["finetune.py"])
+    with pytest.raises(SystemExit) as e:
+        run(main, argv)
+    assert e.value.code in (1, 2)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("finetune.py: error:") and message in err[0], err
-
-
-def test_bad_dataset_name(digits_folder, tmp_path, capsys):
-    from diffclip.eval.finetune import main
-
-    argv = _argv(digits_folder, tmp_path / "bad", 1)
-    argv[argv.index("folder")] = "no-such-dataset"
-    assert main(argv) == 2
-    assert "no-such-dataset" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # nothing left behind
 
 
 def test_compare_table(tmp_path, capsys):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
 from diffclip.eval.visualize import attention_maps, class_token_maps, lambdas, main
+from PIL import Image
 
 import diffclip  # noqa: F401  (registers the models)
 
@@ -72,10 +74,32 @@ def test_cli_png_for_diffclip_tower(tmp_path):
     assert all(v == pytest.approx(0.8, abs=0.5) for v in rec["lambda_per_layer"])
 
 
-def test_cli_bad_input(tmp_path, capsys):
-    assert main(["--checkpoint", "no-such-model", "--image", "x.png", "--output", str(tmp_path / "o.png")]) == 2
-    assert capsys.readouterr().err.startswith("visualize.py: error:")
-    assert main(["--checkpoint", "DiffCLIP-Tiny-64", "--image", str(tmp_path / "missing.png"),
-                 "--output", str(tmp_path / "o.png")]) == 2
-    assert main(["--checkpoint", "DiffCLIP-Tiny-64", "--image", str(tmp_path / "missing.png"), "--layers", "9",
-                 "--output", str(tmp_path / "o.png")]) == 2
+@pytest.mark.parametrize("program,args,named", [
+    ("visualize.py", ["--checkpoint", "no-such-model", "--image", "{d}/x.png"], "no-such-model"),
+    ("visualize.py", ["--checkpoint", "DiffCLIP-Tiny-64", "--image", "{d}/missing.png"], "missing.png"),
+    ("visualize.py", ["--checkpoint", "{d}/garbage.pt", "--image", "{d}/x.png"], "garbage.pt"),
+    ("visualize.py", ["--checkpoint", "DiffCLIP-Tiny-64@{d}/garbage.pt", "--image", "{d}/x.png"], "garbage.pt"),
+    ("visualize.py", ["--checkpoint", "DiffCLIP-Tiny-64", "--image", "{d}/x.png", "--output", "/proc/x/o.png"],
+     "--output"),
+    ("cka.py", ["--model-a", "{d}/garbage.pt", "--model-b", "DiffCLIP-Tiny-64", "--dataset", "folder",
+                "--data-root", "{d}"], "garbage.pt"),
+    ("cka.py", ["--model-a", "nope", "--model-b", "DiffCLIP-Tiny-64", "--dataset", "folder", "--data-root", "{d}"],
+     "nope"),
+    ("cka.py", ["--model-a", "DiffCLIP-Tiny-64", "--model-b", "DiffCLIP-Tiny-64", "--dataset", "folder",
+                "--data-root", "{d}", "--num-images", "0"], "--num-images"),
+])
+def test_cli_bad_input_is_one_line(tmp_path, program, args, named):
+    import subprocess
+    import sys
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "x.png")
+    (tmp_path / "garbage.pt").write_bytes(b"\x80\x02garbage")
+    argv = [a.format(d=tmp_path) for a in args]
+    if "--output" not in argv:
+        argv += ["--output", str(tmp_path / "out" / "o.png")]
+    script = Path(__file__).resolve().parents[1] / "eval" / program
+    r = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"{program}: error:") and named in lines[0], lines
+    assert not (tmp_path / "out").exists()
