@@ -11,6 +11,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from torchvision import transforms as T
 
 from . import hub
+from .images import ToMode
 from .model import DiffCLIP
 
 __all__ = ["list_models", "get_model_config", "create_model", "create_model_and_transforms", "get_tokenizer",
@@ -83,11 +84,7 @@ def image_transform(preprocess_cfg: dict, image_size: int, is_train: bool) -> T.
                                       interpolation=interp)]
     else:
         resize = [T.Resize(image_size, interpolation=interp), T.CenterCrop(image_size)]
-    return T.Compose([*resize, T.Lambda(_to_rgb), T.ToTensor(), T.Normalize(mean, std)])
-
-
-def _to_rgb(image):
-    return image.convert("RGB") if image.mode != "RGB" else image
+    return T.Compose([*resize, ToMode("RGB"), T.ToTensor(), T.Normalize(mean, std)])
 
 
 def create_model_and_transforms(name: str, pretrained: str | None = None, device: str | torch.device | None = None):

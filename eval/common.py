@@ -155,21 +155,3 @@ def pretrained_fingerprint(pretrained: str | None) -> str:
 
 def cache_key(**parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-# ---- transitional: names other eval programs still import; removed once they use the shared layer ----
-from diffclip.cli import run as run_cli  # noqa: E402, F401
-from diffclip.files import write_json as write_json_atomic  # noqa: E402, F401
-from diffclip.files import write_text as write_text_atomic  # noqa: E402, F401
-from diffclip.runtime import resolve_device  # noqa: E402, F401
-from diffclip.runtime import seed_everything as set_seed  # noqa: E402, F401
-
-
-def autocast_factory(precision, device):  # transitional
-    from diffclip.runtime import get_autocast
-    return get_autocast(precision, device.type)
-
-
-def setup_logging(verbose: bool = False) -> None:  # transitional
-    from diffclip.cli import setup_logging as _setup
-    _setup(logging.DEBUG if verbose else logging.INFO)

@@ -38,7 +38,6 @@ import torch
 from diffclip.eval import readers
 from diffclip.eval.common import (
     add_model_args,
-    autocast_factory,
     cache_key,
     extract_image_features,
     limit,
@@ -46,15 +45,13 @@ from diffclip.eval.common import (
     make_loader,
     model_transform,
     pretrained_fingerprint,
-    resolve_device,
     result_record,
-    run_cli,
-    set_seed,
-    setup_logging,
-    write_json_atomic,
 )
 
+from diffclip.cli import ArgumentParser, positive_float, positive_int, run, setup_logging
+from diffclip.files import check_writable, write_json
 from diffclip.metrics import classification_metrics
+from diffclip.runtime import get_autocast, resolve_device, seed_everything
 
 log = logging.getLogger("diffclip.eval")
 TASK = "linear_probe"
@@ -106,7 +103,7 @@ def features(model, preprocess, dataset_name: str, root, split: str, *, model_na
     dataset = limit(readers.set_transform(dataset, model_transform(preprocess, precision)), max_samples)
     t0 = time.perf_counter()
     x, y = extract_image_features(model, make_loader(dataset, batch_size, workers, device), device,
-                                  autocast_factory(precision, device), progress, desc=f"{dataset.name}/{split}")
+                                  get_autocast(precision, device.type), progress, desc=f"{dataset.name}/{split}")
     log.info("%s/%s: %d features in %.1fs", dataset.name, split, len(y), time.perf_counter() - t0)
     x, y = x.numpy().astype(np.float32), y.numpy().astype(np.int64)
     if path is not None:
@@ -254,13 +251,13 @@ def add_probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-split", default=None, help="default: train (trainval for pets, flowers102, dtd, "
                                                        "fgvc-aircraft)")
     p.add_argument("--test-split", default=None, help="default: the dataset's evaluation split")
-    p.add_argument("--fewshot-k", type=int, default=None, help="k training images per class (k-shot probe)")
+    p.add_argument("--fewshot-k", type=positive_int, default=None, help="k training images per class (k-shot probe)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="seeds of the k-shot draws (default 0 1 2) / of the validation split (default 0)")
     p.add_argument("--val-proportion", type=float, default=0.2, help="validation share of the training split")
-    p.add_argument("--C", type=float, default=None, help="fixed inverse regularisation (skips the sweep)")
-    p.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations of the logistic regression")
-    p.add_argument("--max-train-samples", type=int, default=None, help="limit the training split only")
+    p.add_argument("--C", type=positive_float, default=None, help="fixed inverse regularisation (skips the sweep)")
+    p.add_argument("--max-iter", type=positive_int, default=1000, help="L-BFGS iterations of the logistic regression")
+    p.add_argument("--max-train-samples", type=positive_int, default=None, help="limit the training split only")
     p.add_argument("--feature-cache", default=os.path.join("~", ".cache", "diffclip", "features"),
                    help="folder of cached features (default: %(default)s)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write cached features")
@@ -268,7 +265,7 @@ def add_probe_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
                                 epilog="datasets: paper (the 9 sets), " + ", ".join(readers.list_datasets("classification")))
     add_model_args(p)
     p.add_argument("--dataset", required=True, nargs="+", help="dataset name(s); 'paper' = the paper's 9 sets")
@@ -281,14 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     args.seeds = args.seeds or ([0, 1, 2] if args.fewshot_k else [0])
-    set_seed(args.seeds[0])
+    seed_everything(args.seeds[0])
     names = [n for d in args.dataset for n in (PAPER_LINEAR_PROBE_DATASETS if d == "paper" else [d])]
     for n in names:  # fail on a missing folder before loading the model
         train_split, test_split = default_splits(n)
         readers.build_dataset(n, args.data_root, args.train_split or train_split, None, download=args.download)
     device = resolve_device(args.device)
+    if args.output:
+        check_writable(args.output, "--output")
     model, preprocess, _ = load_model(args.model, args.pretrained, device, args.precision)
     records = [evaluate_dataset(model, preprocess, n, args.data_root, model_name=args.model, pretrained=args.pretrained,
                                 device=device, precision=args.precision, batch_size=args.batch_size,
@@ -300,11 +299,15 @@ def main(argv: list[str] | None = None) -> int:
                                 progress=not args.no_progress, download=args.download) for n in names]
     out = records[0] if len(records) == 1 else records
     if args.output:
-        write_json_atomic(args.output, out)
+        write_json(args.output, out)
         log.info("wrote %s", args.output)
     print(json.dumps(out))
     return 0
 
 
+def cli() -> None:
+    run(main)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    cli()

@@ -39,6 +39,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from diffclip.images import load_image, to_rgb
+from diffclip.zero_shot import format_prompts
+
 __all__ = ["DatasetNotFoundError", "DatasetSpec", "ImageListDataset", "IdxDataset", "TarShardDataset",
            "RetrievalDataset", "LabeledDataset", "list_datasets", "set_transform", "dataset_spec", "canonical_name",
            "resolve_root", "build_dataset", "build_retrieval_dataset", "load_image", "read_lines", "read_idx",
@@ -62,12 +65,6 @@ def imagenet_templates() -> list[str]:
     """OpenAI's 80 ImageNet prompt templates (open_clip's ``OPENAI_IMAGENET_TEMPLATES``) as ``{}`` strings."""
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
     return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
-
-
-def __getattr__(name: str):  # IMAGENET_TEMPLATES is loaded on first use (open_clip is slow to import)
-    if name == "IMAGENET_TEMPLATES":
-        return list(imagenet_templates())
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 GENERIC_TEMPLATES = ["a photo of a {}.", "a photo of the {}.", "a bad photo of a {}.", "a good photo of a {}.",
@@ -104,20 +101,6 @@ FASHION_MNIST_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat", 
 # ---------------------------------------------------------------------------------------------------------------
 # Small helpers
 # ---------------------------------------------------------------------------------------------------------------
-
-def load_image(path: str | os.PathLike, background: tuple[int, int, int] | None = None) -> Image.Image:
-    """Opens an image file as an RGB PIL image; transparent images are put on ``background`` when given."""
-    with open(path, "rb") as f:
-        return _to_rgb(Image.open(f), background)
-
-
-def _to_rgb(img: Image.Image, background: tuple[int, int, int] | None = None) -> Image.Image:
-    if background is not None and (img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info)):
-        img = img.convert("RGBA")
-        canvas = Image.new("RGBA", img.size, (*background, 255))
-        return Image.alpha_composite(canvas, img).convert("RGB")
-    return img.convert("RGB")
-
 
 def read_lines(path: str | os.PathLike) -> list[str]:
     """Non-empty, stripped lines of a UTF-8 text file (class names, templates)."""
@@ -303,7 +286,7 @@ class TarShardDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        img = _to_rgb(Image.open(io.BytesIO(_read_member(self.samples[i][1]))))
+        img = to_rgb(Image.open(io.BytesIO(_read_member(self.samples[i][1]))))
         img = self.transform(img) if self.transform else img
         return img, (self.targets[i] if self.task == "classification" else i)
 
@@ -497,9 +480,11 @@ def _override_prompts(ds, name, classnames, templates) -> None:
         tpl = read_lines(templates) if isinstance(templates, (str, os.PathLike)) else list(templates)
         if not tpl:
             raise ValueError(f"the template list for {name!r} is empty")
-        bad = [t for t in tpl if isinstance(t, str) and "{}" not in t]
-        if bad:
-            raise ValueError(f"template {bad[0]!r} has no '{{}}' placeholder for the class name")
+        try:
+            format_prompts(["x"], tpl)
+        except ValueError as e:
+            where = f"--templates {templates}" if isinstance(templates, (str, os.PathLike)) else "templates"
+            raise ValueError(f"{where}: {e}") from None
         ds.templates = tpl
 
 

@@ -21,21 +21,17 @@ import torch
 from diffclip.eval import readers
 from diffclip.eval.common import (
     add_model_args,
-    autocast_factory,
     limit,
     load_model,
     model_transform,
-    resolve_device,
     result_record,
-    run_cli,
-    set_seed,
-    setup_logging,
-    write_json_atomic,
-    write_text_atomic,
 )
 from diffclip.eval.zeroshot import TASK
 from diffclip.eval.zeroshot import evaluate as zeroshot_evaluate
 
+from diffclip.cli import ArgumentParser, run, setup_logging
+from diffclip.files import check_writable, write_json, write_text
+from diffclip.runtime import get_autocast, resolve_device, seed_everything
 from diffclip.zero_shot import build_zero_shot_classifier, format_prompts
 
 log = logging.getLogger("diffclip.eval")
@@ -72,7 +68,7 @@ def evaluate(model, preprocess, tokenizer, datasets: list[str], *, data_root=Non
     """Zero-shot records of every set and the summary (see the module docstring); ``templates`` replaces every
     set's prompt templates."""
     roots = roots or {}
-    autocast = autocast_factory(precision, device)
+    autocast = get_autocast(precision, device.type)
     shared: dict[tuple[str, ...], torch.Tensor] = {}  # classifier per (classnames, templates)
     records, acc = [], {}
     names = ([in_distribution] if in_distribution and id_acc1 is None else []) + list(datasets)
@@ -114,7 +110,7 @@ def _parse_roots(items: list[str]) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     add_model_args(p)
     p.add_argument("--datasets", nargs="+", default=list(DEFAULT_SHIFTS), help="shift sets (default: %(default)s)")
     p.add_argument("--data-root", default=None, help="root holding each set in its usual folder")
@@ -132,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    set_seed(args.seed)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    seed_everything(args.seed)
     roots = _parse_roots(args.root)
     templates = None
     if args.templates:
@@ -144,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         for n in ([id_name] if id_name and args.id_acc1 is None else []) + args.datasets:
             readers.build_dataset(n, roots.get(readers.canonical_name(n), args.data_root), None, None)
     device = resolve_device(args.device)
+    if args.output:
+        check_writable(args.output, "--output")
+    if args.markdown:
+        check_writable(args.markdown, "--markdown")
     model, preprocess, tokenizer = load_model(args.model, args.pretrained, device, args.precision)
     roots = {readers.canonical_name(k): v for k, v in roots.items()}
     records, summary = evaluate(model, preprocess, tokenizer, [readers.canonical_name(d) for d in args.datasets],
@@ -158,13 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     out = {"model": args.model, "pretrained": args.pretrained or "", "results": records, "summary": summary}
     table = markdown_table(summary, f"{args.model} {args.pretrained or ''}".strip())
     if args.output:
-        write_json_atomic(args.output, out)
+        write_json(args.output, out)
     if args.markdown:
-        write_text_atomic(args.markdown, table)
+        write_text(args.markdown, table)
     print(table)
     print(json.dumps(summary))
     return 0
 
 
+def cli() -> None:
+    run(main)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    cli()

@@ -30,21 +30,16 @@ from pathlib import Path
 import torch
 from diffclip.eval import linear_probe, readers, retrieval, zeroshot
 from diffclip.eval.common import (
-    PRECISIONS,
-    autocast_factory,
     default_workers,
     limit,
     load_model,
     model_transform,
-    resolve_device,
     result_record,
-    run_cli,
-    set_seed,
-    setup_logging,
-    write_json_atomic,
-    write_text_atomic,
 )
 
+from diffclip.cli import ArgumentParser, nonneg_int, positive_int, run, setup_logging
+from diffclip.files import check_writable, write_json, write_text
+from diffclip.runtime import PRECISION_HELP, PRECISIONS, get_autocast, resolve_device, seed_everything
 from diffclip.zero_shot import build_zero_shot_classifier
 
 log = logging.getLogger("diffclip.eval")
@@ -91,7 +86,7 @@ def run_task(task: str, name: str, model, preprocess, tokenizer, *, model_name: 
         key = (*full, "|", *ds.templates)
         if key not in classifiers:
             classifiers[key] = build_zero_shot_classifier(model, tokenizer, full, ds.templates, device=device,
-                                                          autocast=autocast_factory(args.precision, device),
+                                                          autocast=get_autocast(args.precision, device.type),
                                                           progress=progress)
         metrics, _ = zeroshot.evaluate(model, tokenizer, ds, device=device, precision=args.precision,
                                        batch_size=args.batch_size, workers=args.workers,
@@ -178,7 +173,7 @@ def markdown(rows: list[dict], labels: list[str], suite: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
                                 epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("--model", action="append", required=True, help="model config name (repeat for several)")
     p.add_argument("--pretrained", action="append", default=[],
@@ -188,11 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", action="append", default=[], metavar="NAME=PATH", help="folder of one dataset")
     p.add_argument("--output-dir", default="results", help="writes suite_<suite>.md and suite_<suite>.json")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=default_workers())
-    p.add_argument("--max-samples", type=int, default=None, help="at most N samples per split (quick runs)")
-    p.add_argument("--fewshot-k", type=int, default=None, help="add k-shot probes of the linear-probe sets")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help=PRECISION_HELP)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--workers", type=nonneg_int, default=default_workers())
+    p.add_argument("--max-samples", type=positive_int, default=None, help="at most N samples per split (quick runs)")
+    p.add_argument("--fewshot-k", type=positive_int, default=None, help="add k-shot probes of the linear-probe sets")
     p.add_argument("--feature-cache", default="~/.cache/diffclip/features")
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--strict", action="store_true", help="fail on a missing dataset instead of skipping it")
@@ -204,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     if args.pretrained and len(args.pretrained) != len(args.model):
         raise ValueError(f"{len(args.model)} --model but {len(args.pretrained)} --pretrained values; give one "
                          f"--pretrained per --model (or none at all), 'none' for random init")
@@ -219,10 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         roots[readers.canonical_name(k)] = v
     tasks = suite_tasks(args.suite, args.fewshot_k)
     device = resolve_device(args.device)
+    check_writable(Path(args.output_dir) / f"suite_{args.suite}.json", "--output-dir")
     results: dict[tuple[str, str], dict[str, dict | None]] = {}
     records, missing = [], set()
     for (model_name, weights), label in zip(models, labels):
-        set_seed(args.seed)
+        seed_everything(args.seed)
         log.info("== %s", label)
         model, preprocess, tokenizer = load_model(model_name, weights, device, args.precision)
         classifiers: dict = {}
@@ -250,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = build_rows(tasks, results)
     out_dir = Path(args.output_dir)
     table = markdown(rows, labels, args.suite)
-    write_text_atomic(out_dir / f"suite_{args.suite}.md", table)
-    write_json_atomic(out_dir / f"suite_{args.suite}.json", {
+    write_text(out_dir / f"suite_{args.suite}.md", table)
+    write_json(out_dir / f"suite_{args.suite}.json", {
         "suite": args.suite, "models": [{"model": m, "pretrained": p or "", "label": lab}
                                         for (m, p), lab in zip(models, labels)],
         "rows": rows, "missing": sorted(missing), "results": records})
@@ -261,5 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> None:
+    run(main)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    cli()

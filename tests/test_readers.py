@@ -180,7 +180,7 @@ def test_folder_with_classnames_file_and_errors(tmp_path):
     assert ds.templates == ["a digit: {}"]
     bad = tmp_path / "bad.txt"
     bad.write_text("a digit\n")
-    with pytest.raises(ValueError, match="no '\\{\\}' placeholder"):
+    with pytest.raises(ValueError, match="has 0 placeholders; expected exactly one"):
         build_dataset("folder", tmp_path, split="train", templates=str(bad))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
