@@ -26,11 +26,11 @@ import time
 from pathlib import Path
 
 import torch
-from diffclip.training import make_shards
 from diffclip.training.data import get_wds_loader
 from PIL import Image
 
 import diffclip
+from diffclip import shards, sources
 
 ROOT = Path(__file__).resolve().parents[1]
 EMOJI = ROOT / "data" / "sources" / "emoji-datasource-google"
@@ -53,7 +53,7 @@ def photo_records(folder: Path, n: int) -> list:
         left, top = (i * 31) % (w - cw + 1), (i * 17) % (h - ch + 1)
         path = folder / f"{i:05d}.jpg"
         photo.crop((left, top, left + cw, top + ch)).save(path, quality=90)
-        records.append(make_shards.Record(str(path), f"a crop of the {name.replace('_', ' ')} photo, number {i}"))
+        records.append(sources.Record(str(path), f"a crop of the {name.replace('_', ' ')} photo, number {i}"))
     return records
 
 
@@ -114,13 +114,13 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         sets = {"photos-256px": (photo_records(tmp / "photos", args.samples), 256)}
         if (EMOJI / "emoji.json").is_file():
-            sets["noto-emoji-64px"] = (make_shards.read_emoji_source(EMOJI), 64)
+            sets["noto-emoji-64px"] = (sources.read_emoji_source(EMOJI), 64)
         else:
             print(f"(noto emoji not installed in {EMOJI}: run scripts/get_demo_data.sh to bench them too)")
         per_shard = max(1, args.samples // 8)
         for set_name, (records, size) in sets.items():
             out = tmp / set_name
-            make_shards.write_shards(records, out, samples_per_shard=per_shard, image_size=size,
+            shards.write_shards(records, out, samples_per_shard=per_shard, image_size=size,
                                      resize_mode="shorter", max_samples=args.samples, progress=False)
             urls = [str(u) for u in sorted(out.glob("*.tar"))]
             samples = read_samples(out)

@@ -102,18 +102,30 @@ def test_csv_source_end_to_end_cli(csv_source, tmp_path):
     assert strip[:5].min() > 235 and strip[-5:].min() > 235 and strip[14:18].std() > 5
     # a second run does not mix old and new shards
     again = _run_cli("--source", "csv", "--input", str(csv_source), "--output", str(out))
-    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert again.returncode == 1 and "--overwrite" in again.stderr
 
 
-def test_missing_source_exits_2_with_install_command(tmp_path):
-    r = _run_cli("--source", "noto-emoji", "--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o"))
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "scripts/get_demo_data.sh" in lines[0], r.stderr
-    r = _run_cli("--source", "openclipart", "--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o"))
-    assert r.returncode == 2 and "apt-get install openclipart" in r.stderr
-    r = _run_cli("--source", "csv", "--input", str(tmp_path / "none.csv"), "--output", str(tmp_path / "o"))
-    assert r.returncode == 2 and "not found" in r.stderr
+@pytest.mark.parametrize("args,code,named", [
+    (["--source", "noto-emoji", "--input", "{d}/nowhere"], 1, "scripts/get_demo_data.sh"),
+    (["--source", "openclipart", "--input", "{d}/nowhere"], 1, "apt-get install openclipart"),
+    (["--source", "csv", "--input", "{d}/none.csv"], 1, "none.csv"),
+    (["--source", "csv", "--input", "{d}/bad.jsonl"], 1, "bad.jsonl:2"),
+    (["--source", "csv", "--input", "{d}/ok.csv", "--image-size", "-5"], 2, "--image-size"),
+    (["--source", "csv", "--input", "{d}/ok.csv", "--val-fraction", "1.5"], 2, "--val-fraction"),
+    (["--source", "csv", "--input", "{d}/ok.csv", "--output", "/proc/nowhere/shards"], 1, "--output"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, code, named):
+    Image.fromarray(skimage.data.astronaut()).resize((32, 32)).save(tmp_path / "a.png")
+    (tmp_path / "ok.csv").write_text("filepath,caption\na.png,an astronaut\n")
+    (tmp_path / "bad.jsonl").write_text('{"filepath": "a.png", "caption": "x"}\n{"filepath": "a.png", \n')
+    argv = [a.format(d=tmp_path) for a in args]
+    if "--output" not in argv:
+        argv += ["--output", str(tmp_path / "o")]
+    r = _run_cli(*argv)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == code and "Traceback" not in r.stderr, r.stderr
+    assert len(lines) == 1 and "error:" in lines[0] and named in lines[0], r.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_tsv_and_jsonl_sources_and_byte_identical_reruns(tmp_path):
