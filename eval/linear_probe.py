@@ -16,6 +16,14 @@ mean over seeds, with ``*_std`` (population std) beside them and every seed's va
 Features are cached on disk (``--feature-cache``, keyed by model, weights, dataset, split, root, preprocessing,
 precision and sample limit), so sweeps and k-shot seeds reuse one extraction.
 
+The DiffCLIP paper's protocol (``--protocol paper``, :mod:`diffclip.eval.protocols`, from El Banani et al. 2023):
+the linear probe with lgssl's cost search and metric (mean per-class accuracy for FGVC-Aircraft, Pets, Caltech-101,
+Flowers-102; top-1 elsewhere) and the few-shot episodes (5-way 5-shot, 6 queries, 5,000 episodes, nearest centred
+prototype), both from one feature extraction; the record says ``"protocol": "paper"``.
+
+Several datasets: ``--output`` ending in ``.jsonl`` gets one record per line, or an ``--output`` holding
+``{dataset}`` gets one file per dataset (CLIP_benchmark's form); one record per file either way.
+
 The paper's 9 linear-probe sets: caltech101, dtd, pets, flowers102, sun397, fgvc-aircraft, cifar10, cifar100,
 food101 (``--dataset paper`` runs all of them from one ``--data-root``).
 """
@@ -28,7 +36,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -47,9 +54,10 @@ from diffclip.eval.common import (
     pretrained_fingerprint,
     result_record,
 )
+from diffclip.eval.protocols import MEAN_PER_CLASS_DATASETS, fewshot, paper_linear_probe
 
-from diffclip.cli import ArgumentParser, positive_float, positive_int, run, setup_logging
-from diffclip.files import check_writable, write_json
+from diffclip.cli import ArgumentParser, UsageError, positive_float, positive_int, run, setup_logging, unit_interval
+from diffclip.files import check_writable, write_bytes, write_json, write_text
 from diffclip.metrics import classification_metrics
 from diffclip.runtime import get_autocast, resolve_device, seed_everything
 
@@ -75,13 +83,9 @@ def default_splits(name: str) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------------------------------
 
 def _save_npz_atomic(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
+    write_bytes(path, buf.getvalue())
 
 
 def features(model, preprocess, dataset_name: str, root, split: str, *, model_name: str, pretrained: str | None,
@@ -222,7 +226,8 @@ def evaluate_dataset(model, preprocess, dataset_name: str, root, *, model_name: 
                      max_samples: int | None = None, max_train_samples: int | None = None,
                      train_split: str | None = None, test_split: str | None = None, fewshot_k: int | None = None,
                      seeds=None, val_proportion: float = 0.2, C: float | None = None, max_iter: int = 1000,
-                     cache_dir=None, progress: bool = True, download: bool = False) -> dict:
+                     cache_dir=None, progress: bool = True, download: bool = False, protocol: str = "clip_benchmark",
+                     episodes: int = 5000) -> dict:
     """One CLIP_benchmark record: features of the train and test splits (cached), then the full or k-shot probe."""
     default_train, default_test = default_splits(dataset_name)
     train_split, test_split = train_split or default_train, test_split or default_test
@@ -235,26 +240,45 @@ def evaluate_dataset(model, preprocess, dataset_name: str, root, *, model_name: 
     n_classes = max(len(classnames), int(y_tr.max()) + 1, int(y_te.max()) + 1)
     name = readers.dataset_spec(dataset_name).name
     t0 = time.perf_counter()
+    if protocol == "paper":
+        mpc = name in MEAN_PER_CLASS_DATASETS
+        value, info = paper_linear_probe(x_tr, y_tr, x_te, y_te, mean_per_class=mpc, max_iter=max_iter)
+        fs = fewshot(x_tr, y_tr, x_te, y_te, episodes=episodes, seed=seeds[0])
+        metrics = {"lp_mean_per_class_recall" if mpc else "lp_acc1": value, "fewshot_acc": fs["fewshot_acc"],
+                   "fewshot_acc_std": fs["fewshot_acc_std"], "C": info["C"], "max_iter": max_iter,
+                   "episodes": episodes, "n_way": fs["n_way"], "n_shot": fs["n_shot"], "n_query": fs["n_query"],
+                   "seed": seeds[0], "normalized": True}
+        log.info("%s: %s (paper protocol, %.1fs)", name, json.dumps(metrics), time.perf_counter() - t0)
+        return result_record(name, model_name, pretrained, TASK, metrics, protocol="paper",
+                             paper_metric="mean_per_class" if mpc else "acc1",
+                             splits={"train": train_split, "test": test_split}, probe=info)
     if fewshot_k:
         metrics, per_seed = fewshot_probe(x_tr, y_tr, x_te, y_te, n_classes, fewshot_k, tuple(seeds), max_iter, C)
+        metrics.update(fewshot_k=fewshot_k, seed=seeds[0], max_iter=max_iter, normalized=True)
         extra = {"fewshot_k": fewshot_k, "seeds": seeds, "per_seed": per_seed}
     else:
         metrics, info = linear_probe(x_tr, y_tr, x_te, y_te, n_classes, val_proportion=val_proportion,
                                      seed=seeds[0], max_iter=max_iter, C=C)
+        metrics.update(C=info["C"], weight_decay=info["weight_decay"], seed=seeds[0], max_iter=max_iter,
+                       normalized=True)  # where CLIP_benchmark puts the probe's hyper-parameters
         extra = {"probe": info}
     log.info("%s: %s (probe %.1fs)", name, json.dumps(metrics), time.perf_counter() - t0)
-    return result_record(name, model_name, pretrained, TASK, metrics,
+    return result_record(name, model_name, pretrained, TASK, metrics, protocol="clip_benchmark",
                          splits={"train": train_split, "test": test_split}, **extra)
 
 
 def add_probe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--protocol", choices=("clip_benchmark", "paper"), default="clip_benchmark",
+                   help="clip_benchmark: CLIP_benchmark's probe (and k-shot with --fewshot-k); paper: the DiffCLIP "
+                        "paper's linear probe and few-shot episodes (El Banani et al. 2023)")
+    p.add_argument("--episodes", type=positive_int, default=5000, help="few-shot episodes (--protocol paper)")
     p.add_argument("--train-split", default=None, help="default: train (trainval for pets, flowers102, dtd, "
                                                        "fgvc-aircraft)")
     p.add_argument("--test-split", default=None, help="default: the dataset's evaluation split")
     p.add_argument("--fewshot-k", type=positive_int, default=None, help="k training images per class (k-shot probe)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="seeds of the k-shot draws (default 0 1 2) / of the validation split (default 0)")
-    p.add_argument("--val-proportion", type=float, default=0.2, help="validation share of the training split")
+    p.add_argument("--val-proportion", type=unit_interval, default=0.2, help="validation share of the training split")
     p.add_argument("--C", type=positive_float, default=None, help="fixed inverse regularisation (skips the sweep)")
     p.add_argument("--max-iter", type=positive_int, default=1000, help="L-BFGS iterations of the logistic regression")
     p.add_argument("--max-train-samples", type=positive_int, default=None, help="limit the training split only")
@@ -271,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, nargs="+", help="dataset name(s); 'paper' = the paper's 9 sets")
     p.add_argument("--data-root", default=None, help="dataset folder, or a root holding one folder per dataset")
     add_probe_args(p)
-    p.add_argument("--output", default=None, help="result JSON (one record, or a list for several datasets)")
+    p.add_argument("--output", default=None, help="result JSON; several datasets: a .jsonl file, or a name with "
+                   "{dataset} (one file each)")
     p.add_argument("--verbose", action="store_true")
     return p
 
@@ -282,12 +307,25 @@ def main(argv: list[str] | None = None) -> int:
     args.seeds = args.seeds or ([0, 1, 2] if args.fewshot_k else [0])
     seed_everything(args.seeds[0])
     names = [n for d in args.dataset for n in (PAPER_LINEAR_PROBE_DATASETS if d == "paper" else [d])]
-    for n in names:  # fail on a missing folder before loading the model
+    if args.protocol == "paper" and args.fewshot_k:
+        raise UsageError("--fewshot-k is the clip_benchmark protocol's k-shot probe; --protocol paper runs the "
+                         "paper's few-shot episodes (--episodes)")
+    for n in names:  # fail on a missing folder, or a folder without splits, before loading the model
         train_split, test_split = default_splits(n)
-        readers.build_dataset(n, args.data_root, args.train_split or train_split, None, download=args.download)
+        train = readers.build_dataset(n, args.data_root, args.train_split or train_split, None,
+                                      download=args.download)
+        test = readers.build_dataset(n, args.data_root, args.test_split or test_split, None, download=args.download)
+        if getattr(train, "samples", None) and getattr(train, "samples", None) == getattr(test, "samples", None):
+            raise UsageError(f"dataset {n!r} in {args.data_root}: the train and test splits are the same images (no "
+                             f"{args.train_split or train_split}/ and {args.test_split or test_split}/ sub-folders); "
+                             "a probe must not be scored on its training images")
     device = resolve_device(args.device)
     if args.output:
-        check_writable(args.output, "--output")
+        if len(names) > 1 and not (args.output.endswith(".jsonl") or "{dataset}" in args.output):
+            raise UsageError(f"--output {args.output}: {len(names)} datasets need a .jsonl file or a name with "
+                             "{dataset} (one record per file)")
+        for n in names:
+            check_writable(args.output.replace("{dataset}", n.replace("/", "_")), "--output")
     model, preprocess, _ = load_model(args.model, args.pretrained, device, args.precision)
     records = [evaluate_dataset(model, preprocess, n, args.data_root, model_name=args.model, pretrained=args.pretrained,
                                 device=device, precision=args.precision, batch_size=args.batch_size,
@@ -296,12 +334,15 @@ def main(argv: list[str] | None = None) -> int:
                                 test_split=args.test_split, fewshot_k=args.fewshot_k, seeds=args.seeds,
                                 val_proportion=args.val_proportion, C=args.C, max_iter=args.max_iter,
                                 cache_dir=None if args.no_cache else args.feature_cache,
-                                progress=not args.no_progress, download=args.download) for n in names]
-    out = records[0] if len(records) == 1 else records
-    if args.output:
-        write_json(args.output, out)
-        log.info("wrote %s", args.output)
-    print(json.dumps(out))
+                                progress=not args.no_progress, download=args.download, protocol=args.protocol,
+                                episodes=args.episodes) for n in names]
+    if args.output and args.output.endswith(".jsonl"):
+        write_text(args.output, "".join(json.dumps(r) + "\n" for r in records))
+    elif args.output:
+        for n, r in zip(names, records):
+            write_json(args.output.replace("{dataset}", n.replace("/", "_")), r)
+    for r in records:
+        print(json.dumps(r))
     return 0
 
 
