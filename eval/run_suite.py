@@ -9,8 +9,10 @@ Suites:
               Twitter emoji linear probe
   retrieval   Flickr30k, Flickr8k (Karpathy 1k test), MS-COCO (Karpathy 5k test): image and text R@1/5/10
   robustness  ImageNet-1k val and ImageNet-V2/-A/-R/-Sketch zero-shot: top-1, average over shifts, gap
-  paper       the paper's tables: ImageNet zero-shot, the 3 retrieval sets, the 9 linear-probe sets,
-              robustness (add --fewshot-k K for the k-shot probes)
+  paper       exactly the paper's set, with its protocols: ImageNet zero-shot, the 3 retrieval sets, the 9
+              linear-probe / few-shot sets (linear_probe.py --protocol paper), ImageNet-V2/-A/-R/-Sketch, MMVP-VLM
+              (folder MMVP_VLM); with two or more models it also writes the paper's Table 1/2, Figures 1/3/5
+              (eval/report.py) and the MMVP radar chart into --output-dir
 
 ``--pretrained`` values pair with ``--model`` values in order (``none`` = random init); with two models the table
 has a column Δ = first − second (put DiffCLIP first and its CLIP twin second for the paper's sign). Each dataset is looked up
@@ -28,7 +30,7 @@ import logging
 from pathlib import Path
 
 import torch
-from diffclip.eval import linear_probe, readers, retrieval, zeroshot
+from diffclip.eval import linear_probe, mmvp, readers, report, retrieval, zeroshot
 from diffclip.eval.common import (
     default_workers,
     limit,
@@ -53,7 +55,7 @@ SUITES: dict[str, list[tuple[str, str]]] = {
     "robustness": [("zeroshot", "imagenet1k")] + [("robustness", d) for d in SHIFTS],
     "paper": ([("zeroshot", "imagenet1k")] + [("retrieval", d) for d in RETRIEVAL]
               + [("linear_probe", d) for d in linear_probe.PAPER_LINEAR_PROBE_DATASETS]
-              + [("robustness", d) for d in SHIFTS]),
+              + [("robustness", d) for d in SHIFTS] + [("mmvp", "mmvp-vlm")]),
 }
 #: (metric key, label) shown in the table per task; the JSON keeps every metric
 TABLE_METRICS = {
@@ -63,9 +65,10 @@ TABLE_METRICS = {
                   ("text_retrieval_recall@1", "text R@1"), ("text_retrieval_recall@5", "text R@5")],
     "linear_probe": [("lp_acc1", "top-1")],
     "fewshot": [("lp_acc1", "top-1")],
+    "mmvp": [("average", "pair accuracy")],
 }
 TASK_TITLES = {"zeroshot": "zero-shot", "robustness": "robustness (zero-shot)", "retrieval": "retrieval",
-               "linear_probe": "linear probe", "fewshot": "few-shot probe"}
+               "linear_probe": "linear probe", "fewshot": "few-shot probe", "mmvp": "MMVP-VLM"}
 
 
 def suite_tasks(suite: str, fewshot_k: int | None = None) -> list[tuple[str, str]]:
@@ -98,7 +101,18 @@ def run_task(task: str, name: str, model, preprocess, tokenizer, *, model_name: 
         metrics = retrieval.evaluate(model, tokenizer, ds, device=device, precision=args.precision,
                                      batch_size=args.batch_size, workers=args.workers, progress=progress)
         return result_record(ds.name, model_name, pretrained, retrieval.TASK, metrics)
+    if task == "mmvp":
+        folder = Path(root or ".") / "MMVP_VLM" if not (Path(root or ".") / "Questions.csv").is_file() else Path(root)
+        scored = mmvp.pair_scores(model, preprocess, tokenizer, mmvp.read_pairs(folder), device, args.precision,
+                                  progress=progress)
+        return result_record("mmvp_vlm", model_name, pretrained, mmvp.TASK, mmvp.summarize(scored), pairs=len(scored))
     if task in ("linear_probe", "fewshot"):
+        if task == "linear_probe" and args.suite == "paper":
+            return linear_probe.evaluate_dataset(
+                model, preprocess, name, root, model_name=model_name, pretrained=pretrained, device=device,
+                precision=args.precision, batch_size=args.batch_size, workers=args.workers,
+                max_samples=args.max_samples, cache_dir=None if args.no_cache else args.feature_cache,
+                progress=progress, protocol="paper")
         return linear_probe.evaluate_dataset(
             model, preprocess, name, root, model_name=model_name, pretrained=pretrained, device=device,
             precision=args.precision, batch_size=args.batch_size, workers=args.workers,
@@ -251,6 +265,14 @@ def main(argv: list[str] | None = None) -> int:
         "suite": args.suite, "models": [{"model": m, "pretrained": p or "", "label": lab}
                                         for (m, p), lab in zip(models, labels)],
         "rows": rows, "missing": sorted(missing), "results": records})
+    if args.suite == "paper" and len(labels) > 1:
+        per_label = {lab: [(0, r) for (task, name), recs in results.items() for lab2, r in recs.items()
+                           if lab2 == lab and r is not None] for lab in labels}
+        report.write_report(per_label, out_dir)
+        mm = {lab: r["metrics"] for lab, recs in [(lab, results.get(("mmvp", "mmvp-vlm"), {})) for lab in labels]
+              for r in [recs.get(lab)] if r is not None}
+        if len(mm) > 1:
+            mmvp.radar_chart(mm, out_dir / "mmvp_radar.png", "MMVP-VLM: " + " vs ".join(mm))
     print(table)
     log.info("wrote %s and %s", out_dir / f"suite_{args.suite}.md", out_dir / f"suite_{args.suite}.json")
     print(json.dumps({"suite": args.suite, "n_results": len(records), "missing": sorted(missing)}))

@@ -99,3 +99,19 @@ def test_bad_layout_is_one_line(tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 1 and len(lines) == 1 and "Questions.csv:3" in lines[0] and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_run_suite_paper_runs_mmvp_and_writes_the_report(mmvp, tmp_path):
+    """--suite paper with two models: the sets absent here are reported missing, MMVP-VLM runs, and the report
+    files and the radar chart land in one folder."""
+    out = tmp_path / "suite"
+    r = subprocess.run([sys.executable, str(ROOT / "eval" / "run_suite.py"), "--model", "CLIP-Tiny-64", "--model",
+                        "DiffCLIP-Tiny-64", "--suite", "paper", "--data-root", str(tmp_path / "none"), "--root",
+                        f"mmvp-vlm={mmvp}", "--workers", "0", "--no-progress", "--output-dir", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    suite = json.loads((out / "suite_paper.json").read_text())
+    assert "imagenet1k" in suite["missing"] and "mmvp-vlm" not in suite["missing"]
+    assert [rec["task"] for rec in suite["results"]] == ["mmvp", "mmvp"]
+    assert (out / "mmvp_radar.png").stat().st_size > 10_000 and (out / "table1.md").is_file()
+    assert (out / "report.json").is_file()
