@@ -754,6 +754,20 @@ def _mnist(root, split, transform):
     return _idx_dataset(root, split, transform, "mnist", [str(i) for i in range(10)], _MNIST_LAYOUT)
 
 
+@_register("digits", "classification", "installed with scikit-learn (no files)", default_root=".",
+           splits=("train", "test"))
+def _digits(root, split, transform):
+    """scikit-learn's handwritten digits (1,797 images, 8x8 grayscale scaled to 0-255, 10 classes): the first
+    1,000 images are ``train``, the other 797 ``test`` (the set has no official split)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = (d.images * (255 / 16)).round().astype(np.uint8)
+    sl = slice(0, 1000) if split == "train" else slice(1000, None)
+    return IdxDataset(images[sl], d.target[sl], [str(i) for i in range(10)],
+                      ["a photo of the number: {}.", "a handwritten digit {}."], transform)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # torchvision readers on local files
 # ---------------------------------------------------------------------------------------------------------------

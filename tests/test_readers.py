@@ -287,3 +287,11 @@ def test_objectnet_layout(tmp_path):
     assert ds.classnames == ["alarm clock", "banana"] and ds.targets == [0, 1]
     img, _ = ds[0]
     assert img.size == (18, 18)  # the 1-pixel border is cut
+
+
+def test_digits_reader_splits():
+    tr, te = build_dataset("digits", None, "train"), build_dataset("digits", None, "test")
+    assert (len(tr), len(te)) == (1000, 797) and tr.classnames == [str(i) for i in range(10)]
+    img, y = te[0]
+    assert img.mode == "L" and img.size == (8, 8) and y == DIGITS.target[1000]
+    assert np.array_equal(np.asarray(img), (DIGITS.images[1000] * (255 / 16)).round().astype(np.uint8))
