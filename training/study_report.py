@@ -1,7 +1,8 @@
 """The summary of a study (training/study.py) from its result files alone: per evaluation metric and model the
 values over seeds, mean ± std (sample std, n-1), and against the baseline the mean paired difference with a
 two-sided paired t-test over seeds (scipy.stats.ttest_rel; needs >= 2 seeds), so the table says which differences
-are beyond seed noise at p < 0.05."""
+are beyond seed noise at p < 0.05; then the paper's tables and figures (:mod:`diffclip.eval.report`, first model =
+the baseline of Figure 1) in ``<output>/report``."""
 
 from __future__ import annotations
 
@@ -102,6 +103,13 @@ def write_summary(study: dict, wall_time: float | None = None) -> dict:
     rows = summarise(study, collect(study))
     summary = {"study": study["name"], "models": study["models"], "baseline": study["baseline"],
                "seeds": study["seeds"], "rows": rows, "wall_time_s": wall_time, "markdown": markdown(study, rows)}
+    per_model = {m: [(seed, json.loads(p.read_text())) for seed in study["seeds"]
+                     for p in sorted((out / "results" / m / f"seed{seed}").glob("*.json"))] for m in study["models"]}
+    if sum(bool(v) for v in per_model.values()) > 1:  # the paper's tables and figures, mean ± std over seeds
+        from diffclip.eval.report import write_report
+
+        write_report({m: v for m, v in per_model.items() if v}, out / "report", data=study.get("data", study["name"]))
+        summary["report"] = str(out / "report")
     write_json(out / "study.json", summary)
     write_text(out / "study.md", summary["markdown"] + "\n")
     return summary
