@@ -77,7 +77,7 @@ def limit(dataset: Dataset, max_samples: int | None) -> Dataset:
         return dataset
     idx = np.linspace(0, len(dataset) - 1, max_samples).round().astype(int).tolist()
     sub = Subset(dataset, idx)
-    for attr in ("classnames", "templates", "class_index", "name", "split"):
+    for attr in ("classnames", "templates", "class_index", "name", "split", "root"):
         if hasattr(dataset, attr):
             setattr(sub, attr, getattr(dataset, attr))
     if getattr(dataset, "targets", None) is not None:

@@ -239,6 +239,7 @@ def evaluate_dataset(model, preprocess, dataset_name: str, root, *, model_name: 
     x_te, y_te, _ = features(model, preprocess, dataset_name, root, test_split, max_samples=max_samples, **common)
     n_classes = max(len(classnames), int(y_tr.max()) + 1, int(y_te.max()) + 1)
     name = readers.dataset_spec(dataset_name).name
+    display, data_root = readers.display_name(dataset_name, root), str(readers.resolve_root(dataset_name, root))
     t0 = time.perf_counter()
     if protocol == "paper":
         mpc = name in MEAN_PER_CLASS_DATASETS
@@ -249,7 +250,7 @@ def evaluate_dataset(model, preprocess, dataset_name: str, root, *, model_name: 
                    "episodes": episodes, "n_way": fs["n_way"], "n_shot": fs["n_shot"], "n_query": fs["n_query"],
                    "seed": seeds[0], "normalized": True}
         log.info("%s: %s (paper protocol, %.1fs)", name, json.dumps(metrics), time.perf_counter() - t0)
-        return result_record(name, model_name, pretrained, TASK, metrics, protocol="paper",
+        return result_record(display, model_name, pretrained, TASK, metrics, root=data_root, protocol="paper",
                              paper_metric="mean_per_class" if mpc else "acc1",
                              splits={"train": train_split, "test": test_split}, probe=info)
     if fewshot_k:
@@ -263,7 +264,7 @@ def evaluate_dataset(model, preprocess, dataset_name: str, root, *, model_name: 
                        normalized=True)  # where CLIP_benchmark puts the probe's hyper-parameters
         extra = {"probe": info}
     log.info("%s: %s (probe %.1fs)", name, json.dumps(metrics), time.perf_counter() - t0)
-    return result_record(name, model_name, pretrained, TASK, metrics, protocol="clip_benchmark",
+    return result_record(display, model_name, pretrained, TASK, metrics, root=data_root, protocol="clip_benchmark",
                          splits={"train": train_split, "test": test_split}, **extra)
 
 

@@ -357,12 +357,31 @@ _ALIASES = {
 }
 
 
+#: readers of any data in a generic layout: a result names the data by the argument given (``wds/<x>``, ``folder/<x>``)
+GENERIC_READERS = ("wds", "folder", "csv", "jsonl")
+
+
 def canonical_name(name: str) -> str:
-    """Registry name of ``name``: lower case, ``_`` -> ``-``, aliases resolved (``wds/<x>`` -> ``wds``)."""
+    """Registry name of ``name``: lower case, ``_`` -> ``-``, aliases resolved (``wds/<x>`` -> ``wds``,
+    ``folder/<x>`` -> ``folder``...)."""
     n = name.strip().lower().replace("_", "-")
-    if n.startswith("wds/") or n.startswith("wds-"):
+    if n.startswith("wds-"):
         return "wds"
+    if "/" in n and n.split("/", 1)[0] in GENERIC_READERS:
+        return n.split("/", 1)[0]
     return _ALIASES.get(n, n)
+
+
+def display_name(name: str, root: str | os.PathLike | None, task: str = "classification") -> str:
+    """The dataset name a result record carries: the registry name (``imagenet`` -> ``imagenet1k``); for the
+    generic readers the name as given when it has a ``/`` (CLIP_benchmark's ``wds/<x>``), else
+    ``<reader>/<folder or file name of the root>``, so two folder datasets never share a name."""
+    spec = dataset_spec(name, task)
+    if spec.name not in GENERIC_READERS:
+        return spec.name
+    if "/" in name:
+        return name.strip()
+    return f"{spec.name}/{Path(resolve_root(name, root, task)).resolve().stem}"
 
 
 def _register(name: str, task: str, layout: str, **kw):
@@ -461,8 +480,8 @@ def _build(name, root, split, transform, task, **options):
         _override_prompts(ds, spec.name, classnames, templates)
         if not ds.classnames:
             raise ValueError(f"dataset {spec.name!r} at {path} has an empty class list")
-    # results name the dataset by its registry name; CLIP_benchmark-style "wds/<name>" keeps the given name
-    ds.name = name.strip() if spec.name == "wds" and "/" in name else spec.name
+    ds.name = display_name(name, root, task)
+    ds.root = str(path)
     ds.split = split
     return ds
 

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
              sum(len(c) for c in dataset.captions), args.model)
     metrics = evaluate(model, tokenizer, dataset, device=device, precision=args.precision, batch_size=args.batch_size,
                        workers=args.workers, ks=tuple(args.recall_k), progress=not args.no_progress)
-    record = result_record(name, args.model, args.pretrained, TASK, metrics)
+    record = result_record(name, args.model, args.pretrained, TASK, metrics, root=dataset.root)
     if args.output:
         write_json(args.output, record)
         log.info("wrote %s", args.output)

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                              progress=not args.no_progress)
     if args.save_classifier:
         save_classifier(args.save_classifier, used, dataset.classnames, args.model)
-    record = result_record(dataset.name, args.model, args.pretrained, TASK, metrics)
+    record = result_record(dataset.name, args.model, args.pretrained, TASK, metrics, root=dataset.root)
     if args.output:
         write_json(args.output, record)
         log.info("wrote %s", args.output)

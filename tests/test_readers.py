@@ -295,3 +295,36 @@ def test_digits_reader_splits():
     img, y = te[0]
     assert img.mode == "L" and img.size == (8, 8) and y == DIGITS.target[1000]
     assert np.array_equal(np.asarray(img), (DIGITS.images[1000] * (255 / 16)).round().astype(np.uint8))
+
+
+def test_clip_benchmarks_own_templates_file_with_c_placeholder(tmp_path):
+    """CLIP_benchmark's zeroshot_classification_templates.txt uses {c}: read as it is, and zero-shot runs on it;
+    the record names the dataset as given (wds/<name>) with its root beside it."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = tmp_path / "wds_emoji_group"
+    (root / "test").mkdir(parents=True)
+    (root / "classnames.txt").write_text("zero\none\n")
+    (root / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\na drawing of the {c}.\n")
+    (root / "test" / "nshards.txt").write_text("1\n")
+    with tarfile.open(root / "test" / "0.tar", "w") as tf:
+        for k in range(4):
+            _tar_add(tf, f"s{k:04d}.png", _png_bytes(digit(k)))
+            _tar_add(tf, f"s{k:04d}.cls", f"{k % 2}\n".encode())
+    ds = build_dataset("wds/emoji_group", root)
+    assert ds.templates == ["a photo of a {c}.", "a drawing of the {c}."] and ds.name == "wds/emoji_group"
+    out = tmp_path / "zs.json"
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "eval" / "zeroshot.py"), "--model",
+                        "CLIP-Tiny-64", "--dataset", "wds/emoji_group", "--data-root", str(root), "--workers", "0",
+                        "--no-progress", "--output", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(out.read_text())
+    assert rec["dataset"] == "wds/emoji_group" and rec["root"] == str(root) and 0 <= rec["metrics"]["acc1"] <= 1
+    # two folder datasets get two names
+    for name in ("cats", "dogs"):
+        save(digit(0), tmp_path / name / "a" / "0.png")
+        save(digit(1), tmp_path / name / "b" / "1.png")
+    assert {build_dataset("folder", tmp_path / n).name for n in ("cats", "dogs")} == {"folder/cats", "folder/dogs"}
