@@ -1,11 +1,12 @@
 # make test : create .venv, install the project with its test extras, lint, run the tests
 # make demo : the end-to-end demo (shards from real emoji data -> 2-process DDP training -> evaluation)
+# make study: the ablation study (CLIP vs DiffCLIP vs DiffCLIP* vs DiffCLIP†, 3 seeds) of studies/emoji_clipart.json
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch/torchvision pinned to the builds this platform serves from disk
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv test test-data lint demo bench clean
+.PHONY: venv test test-data lint demo study bench clean
 
 venv: $(VENV)/.installed
 
@@ -28,6 +29,12 @@ test: lint test-data
 
 demo: venv
 	scripts/demo.sh
+
+# needs Debian's Openclipart (apt-get install openclipart-png openclipart-svg); rerunning continues where it stopped
+study: venv
+	@test -d /usr/share/openclipart || { echo "make study: needs Debian's Openclipart: apt-get install openclipart-png openclipart-svg" >&2; exit 1; }
+	OPENCLIPART=0 scripts/get_demo_data.sh data/sources
+	$(PY) training/study.py studies/emoji_clipart.json --jobs 2
 
 bench: venv
 	$(PY) bench/attention.py
