@@ -241,7 +241,7 @@ class DiffAttention(nn.Module):
             diff = torch.addcmul(a1, a2, -lam)  # A1 - lambda A2 in one pass
             if self.keep_maps:
                 self.attn_maps = {"a1": a1.detach(), "a2": a2.detach(), "diff": diff.detach(),
-                                  "lambda": lam.detach()}
+                                  "lambda": lam.detach(), "live": diff}  # live: in the graph, for relevance
             o = (self.attn_drop(diff) @ v.float()).to(x.dtype)
         # the head-wise RMSNorm runs in fp32 (as the release does), also under bf16/fp16 autocast; the (1 - lambda_init)
         # factor is folded into its (2d,) gain rather than applied as one more pass over the (B, h, N, 2d) output
@@ -295,7 +295,7 @@ class Attention(nn.Module):
                 scores = scores + mask
             a = scores.softmax(dim=-1)
             if self.keep_maps:
-                self.attn_maps = {"a": a.detach()}
+                self.attn_maps = {"a": a.detach(), "live": a}
             o = (self.attn_drop(a) @ v.float()).to(x.dtype)
         o = o.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.out_proj(o))

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffclip.cli import ArgumentParser, nonneg_int, run
+from diffclip.cli import ArgumentParser, UsageError, nonneg_int, run
 from diffclip.files import check_writable, save_figure, write_json
 from diffclip.hub import torch_load
 
@@ -209,9 +209,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index", type=nonneg_int, default=0)
     p.add_argument("--layers", type=int, nargs="+", default=None, help="layer indices (default first, middle, last)")
     p.add_argument("--heads", type=int, nargs="+", default=None, help="head indices (default 0)")
+    p.add_argument("--query", action="append", default=None,
+                   help="a text query (repeat it): draw, per query and model, where a CLIP model looks when the "
+                        "image is matched against it (Chefer et al. 2021 relevance; --checkpoint and --contrast "
+                        "are then diffclip CLIP models NAME[@PRETRAINED])")
     p.add_argument("--output", required=True, help="PNG path (a JSON is written beside it)")
     args = p.parse_args(argv)
     check_writable(args.output, "--output")
+    if args.query:
+        return _query_maps(args)
     from diffclip.classifier import eval_transform, load_vit
 
     model, data_cfg, label = load_vit(args.checkpoint)
@@ -244,6 +250,36 @@ def main(argv: list[str] | None = None) -> int:
     plot(disp, rows, lams, title, args.output, contrast_lams)
     write_json(Path(args.output).with_suffix(".json"), record)
     print(f"wrote {args.output}; λ per layer: {', '.join('-' if v is None else f'{v:.3f}' for v in lams)}")
+    return 0
+
+
+def _query_maps(args) -> int:
+    """``--query``: relevance maps of each text query for the image, one row per model."""
+    from diffclip.eval.relevance import plot_queries, text_query_relevance
+
+    import diffclip
+
+    specs = [args.checkpoint] + ([args.contrast] if args.contrast else [])
+    loaded = []
+    for spec in specs:
+        name, _, pretrained = spec.partition("@")
+        if name not in diffclip.list_models():
+            raise UsageError(f"--query needs diffclip CLIP models NAME[@PRETRAINED]; {spec!r} is not one "
+                             f"({', '.join(diffclip.list_models())})")
+        model, _, preprocess = diffclip.create_model_and_transforms(name, pretrained=pretrained or None)
+        loaded.append((spec, name, model.eval(), preprocess, diffclip.get_tokenizer(name)))
+    image, _, source = _load_image(args, None)
+    results, record = [], {"source": source, "queries": args.query, "method": "Chefer et al. 2021", "models": {}}
+    for spec, name, model, preprocess, tok in loaded:
+        x = preprocess(image)[None]
+        maps = [text_query_relevance(model, x, tok([q])) for q in args.query]
+        results.append((spec if len(spec) <= 40 else name, maps))
+        record["models"][spec] = {q: m.tolist() for q, m in zip(args.query, maps)}
+    title = f"relevance of each text query (Chefer et al. 2021): {source}"
+    size = loaded[0][2].visual.patch_embed.img_size
+    plot_queries(image.resize(tuple(size)), results, args.query, title, args.output)
+    write_json(Path(args.output).with_suffix(".json"), record)
+    print(f"wrote {args.output}")
     return 0
 
 

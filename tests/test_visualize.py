@@ -103,3 +103,37 @@ def test_cli_bad_input_is_one_line(tmp_path, program, args, named):
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
     assert len(lines) == 1 and lines[0].startswith(f"{program}: error:") and named in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+def test_text_query_relevance_properties(photo):
+    """Chefer et al. relevance of a query on both attention types: non-negative, summing to 1 over the patch
+    grid, and a different map for a different query."""
+    from diffclip.eval.relevance import text_query_relevance
+
+    torch.manual_seed(0)
+    for name in ("DiffCLIP-Tiny-64", "CLIP-Tiny-64"):
+        model, _, preprocess = diffclip.create_model_and_transforms(name)
+        model.eval()
+        tok = diffclip.get_tokenizer(name)
+        x = preprocess(photo)[None]
+        a = text_query_relevance(model, x, tok(["a photo of an astronaut"]))
+        b = text_query_relevance(model, x, tok(["a red fire truck"]))
+        assert a.shape == (8, 8) and (a >= 0).all() and a.sum().item() == pytest.approx(1.0, abs=1e-5)
+        assert not torch.allclose(a, b), name
+        assert all(not b.attn.keep_maps and b.attn.attn_maps is None for b in model.visual.blocks)  # put back
+
+
+def test_visualize_query_cli(photo, tmp_path):
+    import subprocess
+    import sys
+
+    photo.save(tmp_path / "astronaut.png")
+    out = tmp_path / "q.png"
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "eval" / "visualize.py"),
+                        "--checkpoint", "DiffCLIP-Tiny-64", "--contrast", "CLIP-Tiny-64", "--image",
+                        str(tmp_path / "astronaut.png"), "--query", "a person", "--query", "a flag",
+                        "--output", str(out)], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads(out.with_suffix(".json").read_text())
+    assert set(rec["models"]) == {"DiffCLIP-Tiny-64", "CLIP-Tiny-64"} and rec["queries"] == ["a person", "a flag"]
+    assert out.stat().st_size > 10_000

@@ -1,0 +1,93 @@
+"""Where a CLIP model looks when an image is matched against a text query (the DiffCLIP paper's Figure 2): the
+relevance of Chefer et al. 2021, "Generic Attention-model Explainability for Interpreting Bi-Modal and
+Encoder-Decoder Transformers" (ICCV), rule for self-attention, on the image tower.
+
+With ``s = <normalize(encode_image(x)), normalize(encode_text(query))>`` (the cosine similarity CLIP ranks by) and
+for every block its attention map ``A`` (B, h, N, N) - for a differential layer the map the values are mixed by,
+``A1 − λ·A2`` - the relevance starts as the identity ``R = I`` (N, N) and is propagated from the first block to the
+last as ``R ← R + mean_h((∂s/∂A ⊙ A)⁺) · R``. The map of the query is the class token's row of ``R`` over the patch
+tokens (the class token's own entry left out), normalised to sum to 1: non-negative, summing to 1 over the
+(gh, gw) patch grid (all zeros when no gradient-weighted attention is positive).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["text_query_relevance", "plot_queries"]
+
+
+def text_query_relevance(model, image: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The relevance map of a query (module docstring).
+
+    Args:
+        model: a :class:`diffclip.DiffCLIP` (either attention type in the image tower).
+        image: (1, 3, H, W) float32, already transformed.
+        tokens: (1, L) int64 tokens of one query.
+
+    Returns:
+        (gh, gw) float32, non-negative, summing to 1 (or all zeros).
+    """
+    from diffclip.eval.visualize import attention_layers
+
+    visual = model.visual
+    layers = attention_layers(visual)
+    saved = [a.keep_maps for a in layers]
+    try:
+        for a in layers:
+            a.keep_maps = True
+        with torch.enable_grad():
+            img = F.normalize(model.encode_image(image).float(), dim=-1)
+            with torch.no_grad():
+                txt = F.normalize(model.encode_text(tokens).float(), dim=-1)
+            score = (img * txt).sum()
+            maps = [a.attn_maps["live"] for a in layers]
+            grads = torch.autograd.grad(score, maps)
+    finally:
+        for a, k in zip(layers, saved):
+            a.keep_maps = k
+            a.attn_maps = None
+    n = maps[0].size(-1)
+    rel = torch.eye(n, dtype=torch.float64)
+    for a, g in zip(maps, grads):
+        cam = (g.detach().double() * a.detach().double()).clamp(min=0).mean(dim=1)[0]  # (N, N)
+        rel = rel + cam @ rel
+    prefix = getattr(visual, "num_prefix_tokens", 1)
+    row = rel[0, prefix:].float()
+    total = row.sum()
+    row = row / total if total > 0 else row
+    return row.reshape(*visual.patch_embed.grid_size)
+
+
+def plot_queries(image, results: list[tuple[str, list[torch.Tensor]]], queries: list[str], title: str,
+                 path: str) -> None:
+    """One row per model (``results``: (label, one map per query)), the input then one heat map per query."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from diffclip.files import save_figure
+
+    img = np.asarray(image.convert("RGB"))
+    rows, cols = len(results), len(queries) + 1
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows + 0.6), squeeze=False)
+    for r, (label, maps) in enumerate(results):
+        axes[r, 0].imshow(img)
+        axes[r, 0].set_ylabel(label, fontsize=9)
+        for c, (query, m) in enumerate(zip(queries, maps), start=1):
+            up = F.interpolate(m[None, None], size=img.shape[:2], mode="bilinear", align_corners=False)[0, 0]
+            axes[r, c].imshow(img)
+            axes[r, c].imshow(up.numpy(), cmap="jet", alpha=0.5)
+            if r == 0:
+                axes[r, c].set_title(f'"{query}"', fontsize=9)
+        if r == 0:
+            axes[r, 0].set_title("input", fontsize=9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=10)
+    save_figure(fig, path)
+    plt.close(fig)
