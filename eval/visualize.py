@@ -65,7 +65,7 @@ def attention_maps(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, lis
             a.keep_maps = True
             a.attn_maps = None
         out = model(x)
-        maps = [dict(a.attn_maps) for a in layers]
+        maps = [{k: v for k, v in a.attn_maps.items() if k != "live"} for a in layers]
     finally:
         for a, k in zip(layers, saved):
             a.keep_maps = k
