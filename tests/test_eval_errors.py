@@ -39,6 +39,7 @@ def _digits_csv(root):
 
 ZS = ["zeroshot", "--model", MODEL, "--dataset", "fashion-mnist", "--max-samples", "4", "--workers", "0",
       "--no-progress"]
+LP = ["linear_probe", "--model", MODEL, "--dataset", "digits", "--workers", "0", "--no-progress", "--no-cache"]
 RET = ["retrieval", "--model", MODEL, "--dataset", "csv", "--workers", "0", "--no-progress"]
 
 CASES = {
@@ -60,6 +61,11 @@ CASES = {
     "ret-missing-file": (RET + ["--data-root", "{d}/none.csv"], "none.csv"),
     "ret-recall-k": (RET + ["--data-root", "{csv}", "--recall-k", "0"], "--recall-k"),
     "ret-output-folder": (RET + ["--data-root", "{csv}", "--output", "{d}/a_folder"], "--output"),
+    "lp-fewshot-k": (LP + ["--fewshot-k", "-1"], "--fewshot-k"),
+    "lp-max-samples": (LP + ["--max-samples", "0"], "--max-samples"),
+    "lp-several-datasets-one-output": (["linear_probe", "--model", MODEL, "--dataset", "fashion-mnist", "digits",
+                                        "--output", "{d}/lp.json"], "--output"),
+    "lp-output-folder": (LP + ["--output", "{d}/a_folder"], "--output"),
     "unknown-program": (["zero-shot"], "zero-shot"),
 }
 

@@ -43,6 +43,10 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], int, str]]:
     torch.save({"w": torch.zeros(3)}, tmp / "weights_only.pt")
     torch.save({"state_dict": {}, "optimizer": {}, "step": 1, "x": _RunsCode()}, tmp / "evil.pt")
     (tmp / "captions.txt").write_text("a text file, not shards\n")
+    bad_sizes = tmp / "bad_sizes"
+    bad_sizes.mkdir()
+    (bad_sizes / "00000.tar").write_bytes((shard_dir / "00000.tar").read_bytes())
+    (bad_sizes / "sizes.json").write_text('{"00000.tar": \n')
     base = ["--logs", str(tmp / "logs")]
     ok_data = ["--train-data", str(shard_dir / "00000.tar")]
     return {
@@ -57,6 +61,7 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], int, str]]:
         "missing shards": (["--train-data", str(tmp / "nowhere" / "{00000..00003}.tar"), *base], 1, "not found"),
         "folder without shards": (["--train-data", str(empty), *base], 1, "no .tar shards"),
         "text file as train data": (["--train-data", str(tmp / "captions.txt"), *base], 1, "captions.txt"),
+        "malformed sizes.json": (["--train-data", str(bad_sizes), *base], 1, "sizes.json:2"),
         "missing resume file": ([*ok_data, *base, "--resume", str(tmp / "nope.pt")], 1, "checkpoint not found"),
         "resume garbage": ([*ok_data, *base, "--resume", str(tmp / "garbage.pt")], 1, "garbage.pt"),
         "resume empty": ([*ok_data, *base, "--resume", str(tmp / "empty.pt")], 1, "empty file"),
@@ -106,8 +111,8 @@ def _in_process(argv, capsys, monkeypatch):
 
 
 CASES = ["unknown flag", "bad value", "bad precision", "lr nan", "beta1 2", "eps -1", "no train data", "unknown model",
-         "missing shards", "folder without shards", "text file as train data", "missing resume file", "resume garbage",
-         "resume empty", "resume truncated", "resume weights only", "resume malicious", "resume latest without name",
+         "missing shards", "folder without shards", "text file as train data", "malformed sizes.json",
+         "missing resume file", "resume garbage", "resume empty", "resume truncated", "resume weights only", "resume malicious", "resume latest without name",
          "missing pretrained", "pretrained garbage", "pretrained malicious", "run folder exists", "device cuda",
          "unwritable logs"]
 

@@ -103,6 +103,19 @@ def expand_urls(spec: str, weights: str | None = None) -> tuple[list[str], list[
     return urls, url_weights
 
 
+def _read_sizes(path: str) -> dict:
+    """A ``sizes.json`` (shard basename -> sample count). Raises ValueError naming the file and line when it is not
+    a JSON object of counts."""
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not JSON ({e.msg}); expected {{shard name: sample count}}") from None
+    if not isinstance(table, dict) or not all(isinstance(v, int) for v in table.values()):
+        raise ValueError(f"{path}: expected a JSON object {{shard name: sample count}}")
+    return table
+
+
 def _shard_sizes(urls: list[str]) -> list[int] | None:
     """Per-shard sample counts from ``sizes.json`` beside each shard; None when any is unknown."""
     cache: dict[str, dict | None] = {}
@@ -111,7 +124,7 @@ def _shard_sizes(urls: list[str]) -> list[int] | None:
         folder, name = os.path.split(url)
         if folder not in cache:
             path = os.path.join(folder, "sizes.json")
-            cache[folder] = json.loads(open(path).read()) if os.path.isfile(path) else None
+            cache[folder] = _read_sizes(path) if os.path.isfile(path) else None
         table = cache[folder]
         if table is None or name not in table:
             return None
@@ -134,7 +147,7 @@ def get_dataset_size(urls: list[str]) -> tuple[int, int]:
     for folder, names in folders.items():
         sizes_path, len_path = os.path.join(folder, "sizes.json"), os.path.join(folder, "__len__")
         if os.path.isfile(sizes_path):
-            table = json.loads(open(sizes_path).read())
+            table = _read_sizes(sizes_path)
             missing = [n for n in names if n not in table]
             if missing:
                 raise ValueError(f"shard {missing[0]} is not listed in {sizes_path} ({len(missing)} missing); "
