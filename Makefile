@@ -34,6 +34,7 @@ demo: venv
 study: venv
 	@test -d /usr/share/openclipart || { echo "make study: needs Debian's Openclipart: apt-get install openclipart-png openclipart-svg" >&2; exit 1; }
 	OPENCLIPART=0 scripts/get_demo_data.sh data/sources
+	test -f data/mmvp_emoji/Questions.csv || $(PY) scripts/make_mmvp_emoji.py data/sources/emoji-datasource-twitter data/mmvp_emoji
 	$(PY) training/study.py studies/emoji_clipart.json --jobs 2
 
 bench: venv

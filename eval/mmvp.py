@@ -131,12 +131,15 @@ def radar_chart(results: dict[str, dict], path: str | Path, title: str) -> None:
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", required=True, help="NAME[@PRETRAINED] per model (diffclip.list_models())")
+    p.add_argument("--models", nargs="+", default=None, help="NAME[@PRETRAINED] per model (diffclip.list_models())")
+    p.add_argument("--model", default=None, help="one model (with --pretrained and --output: one record, no chart)")
+    p.add_argument("--pretrained", default=None)
+    p.add_argument("--output", default=None, help="with --model: the record's JSON file")
     p.add_argument("--labels", nargs="+", default=None, help="a label per model (default: the specs)")
     p.add_argument("--data-root", required=True, help="the MMVP_VLM folder (Questions.csv, 'MLLM_VLM Images/')")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS, help=PRECISION_HELP)
-    p.add_argument("--output-dir", required=True, help="folder for the JSON records and the radar chart")
+    p.add_argument("--output-dir", default=None, help="folder for the JSON records and the radar chart")
     p.add_argument("--title", default=None, help="radar chart title")
     p.add_argument("--max-pairs", type=positive_int, default=None, help="only the first N pairs (quick runs)")
     p.add_argument("--no-progress", action="store_true")
@@ -148,6 +151,22 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     setup_logging()
+    if args.model:  # one model, one record (how training/study.py calls every evaluation program)
+        if args.models or not args.output:
+            raise UsageError("--model goes with --output (one record); several models: --models and --output-dir")
+        check_writable(args.output, "--output")
+        pairs = read_pairs(args.data_root)[: args.max_pairs]
+        device = resolve_device(args.device)
+        model, _, preprocess = diffclip.create_model_and_transforms(args.model, pretrained=args.pretrained)
+        model = cast_model(model.to(device).eval(), args.precision)
+        scored = pair_scores(model, preprocess, diffclip.get_tokenizer(args.model), pairs, device, args.precision,
+                             progress=not args.no_progress)
+        write_json(args.output, result_record("mmvp_vlm", args.model, args.pretrained, TASK, summarize(scored),
+                                              root=str(args.data_root), pairs=len(scored)))
+        print(json.dumps(summarize(scored)))
+        return 0
+    if not args.models or not args.output_dir:
+        raise UsageError("give --models and --output-dir (or --model and --output for one model)")
     labels = args.labels or args.models
     if len(labels) != len(args.models) or len(set(labels)) != len(labels):
         raise UsageError(f"--labels: {len(args.models)} distinct labels expected, one per --models entry")

@@ -222,6 +222,14 @@ def write_report(results: dict[str, list[tuple[int, dict]]], out: str | Path, da
     if rep["kinds"].get("zeroshot"):
         _zeroshot_bars(rep, out / "fig3_zeroshot.png", f"zero-shot: {models}{suffix}")
         figs.append("fig3_zeroshot.png")
+    mm = {lab: [r["metrics"] for _, r in recs if r["task"] == "mmvp"] for lab, recs in results.items()}
+    if sum(bool(v) for v in mm.values()) > 1:  # MMVP-VLM: the mean over seeds of each pattern, one polygon per model
+        from diffclip.eval.mmvp import radar_chart
+
+        means = {lab: {k: statistics.fmean(m[k] for m in ms) for k in ms[0]} for lab, ms in mm.items() if ms}
+        rep["mmvp"] = means
+        radar_chart(means, out / "mmvp_radar.png", f"MMVP-style pairs{suffix}: {models} ({seeds} seed(s))")
+        figs.append("mmvp_radar.png")
     write_json(out / "report.json", rep)
     write_text(out / "report.md", "\n\n".join([t1, t2, *[f"![{f}]({f})" for f in figs]]) + "\n")
     return rep

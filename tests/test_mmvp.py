@@ -90,6 +90,13 @@ def test_mmvp_two_models_records_and_radar(mmvp, tmp_path):
         assert m["average"] == pytest.approx(sum(expected.values()) / 3)
     summary = json.loads((out / "mmvp.json").read_text())
     assert set(summary["models"]) == {"CLIP", "DiffCLIP"}
+    # one model, one record (the form training/study.py uses): the same numbers
+    r = subprocess.run([sys.executable, str(ROOT / "eval" / "mmvp.py"), "--model", "CLIP-Tiny-64", "--pretrained",
+                        str(tmp_path / "CLIP-Tiny-64"), "--data-root", str(mmvp), "--output", str(tmp_path / "one.json"),
+                        "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert one["metrics"] == json.loads((out / "mmvp_CLIP.json").read_text())["metrics"]
 
 
 def test_bad_layout_is_one_line(tmp_path):
