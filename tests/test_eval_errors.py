@@ -1,6 +1,7 @@
 """Bad input to the zero-shot and retrieval programs: each a subprocess (through the ``diffclip-eval`` dispatcher)
 that must exit non-zero with exactly one stderr line naming the input, no traceback, and no output file."""
 
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +20,11 @@ def inputs(tmp_path_factory):
     (d / "two.txt").write_text("a {} of a {}\n")
     (d / "plain.txt").write_text("not a csv of captions\n")
     (d / "a_folder").mkdir()
+    from PIL import Image  # an image folder with one undecodable file among real ones
+    for cls in ("a", "b"):
+        (d / "imgs" / cls).mkdir(parents=True)
+        Image.new("RGB", (16, 16), (200, 10, 10) if cls == "a" else (10, 10, 200)).save(d / "imgs" / cls / "ok.png")
+    (d / "imgs" / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     return d
 
 
@@ -66,8 +72,13 @@ CASES = {
     "lp-several-datasets-one-output": (["linear_probe", "--model", MODEL, "--dataset", "fashion-mnist", "digits",
                                         "--output", "{d}/lp.json"], "--output"),
     "lp-output-folder": (LP + ["--output", "{d}/a_folder"], "--output"),
+    "zs-corrupt-image-in-folder": (["zeroshot", "--model", MODEL, "--dataset", "folder", "--data-root", "{d}/imgs",
+                                    "--workers", "1", "--no-progress"], "broken.png"),
     "unknown-program": (["zero-shot"], "zero-shot"),
 }
+
+
+FOUND_DURING_WORK = {"zs-corrupt-image-in-folder"}  # an undecodable image is found when it is read: named, one line
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -82,8 +93,21 @@ def test_bad_input_is_one_line(case, inputs):
     r = subprocess.run([PY, "-m", "diffclip.eval", *argv], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    if case in FOUND_DURING_WORK:  # the progress log before the image is met is expected; the error is one line
+        lines = [ln for ln in lines if " INFO " not in ln]
     assert r.returncode != 0, r.stderr
     assert "Traceback" not in r.stderr, r.stderr
     assert len(lines) == 1 and "error:" in lines[0], r.stderr
     assert named in lines[0], lines[0]
     assert sorted(p.name for p in inputs.rglob("*")) == before  # nothing written, no temporary left
+
+
+def test_several_datasets_write_one_record_per_line(tmp_path):
+    out = tmp_path / "lp.jsonl"
+    r = subprocess.run([PY, "-m", "diffclip.eval", "linear_probe", "--model", MODEL, "--dataset", "digits", "digits",
+                        "--C", "1", "--workers", "0", "--no-progress", "--no-cache", "--output", str(out)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [rec["dataset"] for rec in records] == ["digits", "digits"]  # CLIP_benchmark: one record per line
+    assert all(rec["metrics"]["C"] == 1.0 for rec in records)
