@@ -123,8 +123,10 @@ def radar_chart(results: dict[str, dict], path: str | Path, title: str) -> None:
     ax.set_xticks(angles)
     ax.set_xticklabels([p.replace(" and ", " &\n") for p in patterns], fontsize=8)
     ax.set_ylim(0, 100)
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="upper right", bbox_to_anchor=(1.3, 1.1), fontsize=8)
+    import textwrap
+
+    ax.set_title(textwrap.fill(title, 70), fontsize=10, pad=24)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), fontsize=8, ncol=2)
     save_figure(fig, path)
     plt.close(fig)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import re
 import statistics
+import textwrap
 from pathlib import Path
 
 from diffclip.cli import ArgumentParser, UsageError, run, setup_logging
@@ -68,7 +69,8 @@ def values(records: list[tuple[int, dict]]) -> dict[str, dict[str, dict[int, flo
     def put(kind, dataset, seed, value):
         out.setdefault(kind, {}).setdefault(dataset, {})[seed] = float(value)
 
-    for seed, r in records:
+    # the paper's protocol wins over CLIP_benchmark's probe of the same dataset: it is what Table 1 reports
+    for seed, r in sorted(records, key=lambda sr: sr[1].get("protocol") == "paper"):
         m, ds = r["metrics"], r["dataset"]
         if r["task"] == "linear_probe":
             key = "lp_mean_per_class_recall" if r.get("paper_metric") == "mean_per_class" else "lp_acc1"
@@ -167,7 +169,7 @@ def _bars(rep: dict, labels: list[str], path: Path, title: str, deltas: bool) ->
                                 va="bottom", fontsize=8, xytext=(0, 6), textcoords="offset points")
     ax.set_xticks(x, [n.replace(" R@5", "\nR@5") for n in names], fontsize=8)
     ax.set_ylabel("%")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, 90), fontsize=10)
     ax.legend(fontsize=8)
     save_figure(fig, path)
     plt.close(fig)
