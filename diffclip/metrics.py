@@ -65,7 +65,8 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[
 
 
 def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor,
-                      ks: tuple[int, ...] = (1, 5, 10), chunk_size: int = 1024) -> dict[str, float]:
+                      ks: tuple[int, ...] = (1, 5, 10), chunk_size: int = 1024,
+                      ranks: dict | None = None) -> dict[str, float]:
     """Recall@k of text->image and image->text retrieval with several captions per image (CLIP_benchmark).
 
     Scores are dot products ``text_emb @ image_emb.T`` (pass L2-normalised embeddings for cosine similarity).
@@ -82,6 +83,8 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_i
         text_to_image: (N_txt,) int64, the image index of each caption.
         ks: the k values.
         chunk_size: queries scored at a time (bounds memory to chunk_size x max(N_img, N_txt)).
+        ranks: a dict that, when given, receives ``"image"`` (N_txt,) and ``"text"`` (N_img,) int64: the 0-based
+            rank of each caption's image and of each image's best caption (a hit at k: rank < k).
 
     Returns:
         ``{"image_retrieval_recall@k": ..., "text_retrieval_recall@k": ...}`` for each k, floats in [0, 1].
@@ -127,6 +130,8 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_i
         txt_ranks.append(rank_of(scores, first))
     txt_ranks = torch.cat(txt_ranks)
 
+    if ranks is not None:  # the per-query ranks, for per-sample statistics (bootstrap)
+        ranks.update(image=img_ranks.cpu(), text=txt_ranks.cpu())
     out = {f"image_retrieval_recall@{k}": (img_ranks < k).double().mean().item() for k in ks}
     out.update({f"text_retrieval_recall@{k}": (txt_ranks < k).double().mean().item() for k in ks})
     return out

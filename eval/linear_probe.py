@@ -250,9 +250,12 @@ def evaluate_dataset(model, preprocess, dataset_name: str, root, *, model_name: 
                    "episodes": episodes, "n_way": fs["n_way"], "n_shot": fs["n_shot"], "n_query": fs["n_query"],
                    "seed": seeds[0], "normalized": True}
         log.info("%s: %s (paper protocol, %.1fs)", name, json.dumps(metrics), time.perf_counter() - t0)
+        correct = info.pop("test_correct")
+        per_sample = {"fewshot_acc": fs["episode_acc"], **({} if mpc else {"lp_acc1": correct})}
         return result_record(display, model_name, pretrained, TASK, metrics, root=data_root, protocol="paper",
                              paper_metric="mean_per_class" if mpc else "acc1",
-                             splits={"train": train_split, "test": test_split}, probe=info)
+                             splits={"train": train_split, "test": test_split}, probe=info,
+                             per_sample=per_sample)  # per-sample / per-episode outcomes, for a bootstrap
     if fewshot_k:
         metrics, per_seed = fewshot_probe(x_tr, y_tr, x_te, y_te, n_classes, fewshot_k, tuple(seeds), max_iter, C)
         metrics.update(fewshot_k=fewshot_k, seed=seeds[0], max_iter=max_iter, normalized=True)

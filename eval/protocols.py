@@ -77,7 +77,8 @@ def paper_linear_probe(x_tr, y_tr, x_te, y_te, *, x_val=None, y_val=None, mean_p
 
     Returns:
         ``(test metric as a fraction, info)``; ``info`` holds the chosen ``C``, every cost tried with its validation
-        metric, the split sizes and whether the validation split was official or held out.
+        metric, the split sizes, whether the validation split was official or held out, and ``test_correct`` (0/1
+        per test sample).
     """
     official = x_val is not None
     if not official:
@@ -108,11 +109,13 @@ def paper_linear_probe(x_tr, y_tr, x_te, y_te, *, x_val=None, y_val=None, mean_p
                  else costs[len(costs) // 4: -len(costs) // 4])
     C, val_metric = max(visited.items(), key=lambda kv: kv[1])
     clf = _fit(np.concatenate([x_tr, x_val]), np.concatenate([y_tr, y_val]), C, max_iter)
-    metric = accuracy(clf.predict(x_te), y_te, mean_per_class)
+    pred = clf.predict(x_te)
+    metric = accuracy(pred, y_te, mean_per_class)
     log.info("paper linear probe: C=%.4g (val %.4f over %d fits) -> test %.4f", C, val_metric, len(tried), metric)
     return metric, {"C": C, "val_metric": val_metric, "costs_tried": {f"{c:.6g}": v for c, v in tried.items()},
                     "n_train": int(len(y_tr)), "n_val": int(len(y_val)), "n_test": int(len(y_te)),
-                    "val_split": "official" if official else "20% of train per class, random.Random(93)"}
+                    "val_split": "official" if official else "20% of train per class, random.Random(93)",
+                    "test_correct": (pred == y_te).astype(int).tolist()}
 
 
 def sample_episodes(y_tr, y_te, episodes: int = 5000, n_way: int = 5, n_shot: int = 5, n_query: int = 6,
@@ -167,8 +170,9 @@ def prototype_accuracy(x_tr, x_te, episodes: dict[str, np.ndarray], chunk: int =
 def fewshot(x_tr, y_tr, x_te, y_te, *, episodes: int = 5000, n_way: int = 5, n_shot: int = 5, n_query: int = 6,
             seed: int = 0) -> dict:
     """The paper's few-shot protocol (module docstring): ``{"fewshot_acc": mean, "fewshot_acc_std": std (n-1),
-    "episodes", "n_way", "n_shot", "n_query", "seed"}``; accuracies are fractions."""
+    "episodes", "n_way", "n_shot", "n_query", "seed", "episode_acc": every episode's accuracy}``; fractions."""
     tasks = sample_episodes(y_tr, y_te, episodes, n_way, n_shot, n_query, seed)
     acc = prototype_accuracy(x_tr, x_te, tasks)
     return {"fewshot_acc": float(acc.mean()), "fewshot_acc_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
-            "episodes": episodes, "n_way": n_way, "n_shot": n_shot, "n_query": n_query, "seed": seed}
+            "episodes": episodes, "n_way": n_way, "n_shot": n_shot, "n_query": n_query, "seed": seed,
+            "episode_acc": acc.tolist()}

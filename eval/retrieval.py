@@ -39,8 +39,9 @@ TASK = "zeroshot_retrieval"
 
 
 def evaluate(model, tokenizer, dataset, *, device: torch.device, precision: str = "fp32", batch_size: int = 64,
-             workers: int = 0, ks=(1, 5, 10), progress: bool = True) -> dict:
-    """Retrieval metrics of ``model`` on a reader retrieval ``dataset`` (transform already set)."""
+             workers: int = 0, ks=(1, 5, 10), progress: bool = True, ranks: dict | None = None) -> dict:
+    """Retrieval metrics of ``model`` on a reader retrieval ``dataset`` (transform already set); ``ranks``, when
+    given, receives the per-query ranks (:func:`diffclip.metrics.retrieval_metrics`)."""
     autocast = get_autocast(precision, device.type)
     t0 = time.perf_counter()
     image_emb, index = extract_image_features(model, make_loader(dataset, batch_size, workers, device), device,
@@ -55,7 +56,7 @@ def evaluate(model, tokenizer, dataset, *, device: torch.device, precision: str 
     text_emb = encode_texts(model, tokenizer, texts, device, batch_size=max(batch_size, 256), autocast=autocast,
                             progress=progress)
     log.info("%d images, %d captions embedded in %.1fs", len(image_emb), len(texts), time.perf_counter() - t0)
-    return retrieval_metrics(image_emb, text_emb, torch.tensor(text_to_image), ks=ks)
+    return retrieval_metrics(image_emb, text_emb, torch.tensor(text_to_image), ks=ks, ranks=ranks)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,9 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     dataset = limit(readers.set_transform(dataset, model_transform(preprocess, args.precision)), args.max_samples)
     log.info("retrieval %s: %d images, %d captions, with %s", name, len(dataset),
              sum(len(c) for c in dataset.captions), args.model)
+    ranks: dict = {}
     metrics = evaluate(model, tokenizer, dataset, device=device, precision=args.precision, batch_size=args.batch_size,
-                       workers=args.workers, ks=tuple(args.recall_k), progress=not args.no_progress)
-    record = result_record(name, args.model, args.pretrained, TASK, metrics, root=dataset.root)
+                       workers=args.workers, ks=tuple(args.recall_k), progress=not args.no_progress, ranks=ranks)
+    # per-query outcomes at each k (for a bootstrap over evaluation samples)
+    per_sample = {f"{d}_retrieval_recall@{k}": (ranks[d] < k).int().tolist() for d in ("image", "text")
+                  for k in args.recall_k}
+    record = result_record(name, args.model, args.pretrained, TASK, metrics, root=dataset.root, per_sample=per_sample)
     if args.output:
         write_json(args.output, record)
         log.info("wrote %s", args.output)

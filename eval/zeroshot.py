@@ -24,7 +24,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from diffclip.cli import ArgumentParser, one_line, run, setup_logging
 from diffclip.files import check_writable, write_bytes, write_json
-from diffclip.metrics import classification_metrics
+from diffclip.metrics import classification_metrics, rank_of
 from diffclip.runtime import get_autocast, resolve_device, seed_everything
 from diffclip.zero_shot import build_zero_shot_classifier, zero_shot_predict
 
@@ -64,7 +64,7 @@ def load_classifier(path: str | Path, n_classes: int, embed_dim: int) -> torch.T
 
 def evaluate(model, tokenizer, dataset, *, device: torch.device, precision: str = "fp32", batch_size: int = 64,
              workers: int = 0, classifier: torch.Tensor | None = None,
-             progress: bool = True) -> tuple[dict, torch.Tensor]:
+             progress: bool = True, ranks: dict | None = None) -> tuple[dict, torch.Tensor]:
     """Zero-shot metrics of ``model`` on a reader ``dataset`` (its transform set to the model's preprocessing).
 
     ``classifier`` (D, C) is built from ``dataset.classnames`` / ``dataset.templates`` when not given; a
@@ -92,6 +92,8 @@ def evaluate(model, tokenizer, dataset, *, device: torch.device, precision: str 
     log.info("%d images in %.1fs", len(targets), time.perf_counter() - t0)
     if targets.max() >= used.shape[1]:
         raise ValueError(f"labels go up to {int(targets.max())} but the classifier has {used.shape[1]} classes")
+    if ranks is not None:  # each image's 0-based rank of its true class (top-k hit: rank < k), the module's tie rule
+        ranks["target"] = rank_of(logits, targets).cpu()
     return classification_metrics(logits, targets), used
 
 
@@ -134,12 +136,15 @@ def main(argv: list[str] | None = None) -> int:
         classifier = load_classifier(args.classifier, len(dataset.classnames), model.embed_dim)
     log.info("zero-shot %s (%s split, %d images, %d classes) with %s", dataset.name, dataset.split, len(dataset),
              len(dataset.classnames), args.model)
+    ranks: dict = {}
     metrics, used = evaluate(model, tokenizer, dataset, device=device, precision=args.precision,
                              batch_size=args.batch_size, workers=args.workers, classifier=classifier,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, ranks=ranks)
     if args.save_classifier:
         save_classifier(args.save_classifier, used, dataset.classnames, args.model)
-    record = result_record(dataset.name, args.model, args.pretrained, TASK, metrics, root=dataset.root)
+    per_sample = {"acc1": (ranks["target"] < 1).int().tolist(), "acc5": (ranks["target"] < 5).int().tolist()}
+    record = result_record(dataset.name, args.model, args.pretrained, TASK, metrics, root=dataset.root,
+                           per_sample=per_sample)  # per-image outcomes, for a bootstrap over evaluation samples
     if args.output:
         write_json(args.output, record)
         log.info("wrote %s", args.output)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from diffclip.training.study import load_study, plan
-from diffclip.training.study_report import paired_test
+from diffclip.training.study_report import paired_bootstrap, paired_test
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -60,6 +60,17 @@ def test_paired_test_by_hand():
     assert paired_test([0.5], [0.4])["p_value"] is None
 
 
+def test_paired_bootstrap():
+    rng = np.random.default_rng(1)
+    same = [rng.integers(0, 2, 400) for _ in range(3)]
+    assert paired_bootstrap(same, same) == {"ci_low": 0.0, "ci_high": 0.0, "n_samples": 400, "n_boot": 1000}
+    better = [np.minimum(1, x + (rng.random(400) < 0.3)) for x in same]  # ~15 points more hits
+    ci = paired_bootstrap(better, same)
+    delta = np.mean([b.mean() - a.mean() for a, b in zip(same, better)])
+    assert 0 < ci["ci_low"] < delta < ci["ci_high"]
+    assert paired_bootstrap([np.ones(3)], [np.ones(4)]) is None  # not the same samples
+
+
 def test_study_killed_and_rerun_finishes_without_redoing(study_file):
     study = load_study(study_file)
     out = Path(study["output"])
@@ -89,6 +100,8 @@ def test_study_killed_and_rerun_finishes_without_redoing(study_file):
     assert set(row["models"]) == {"CLIP-Tiny-64", "DiffCLIP-Tiny-64"}
     diff = row["models"]["DiffCLIP-Tiny-64"]
     assert diff["seeds"] == [0, 1] and diff["vs_baseline"]["n"] == 2
+    boot = diff["vs_baseline"]["bootstrap"]  # retrieval writes per-caption outcomes: a bootstrap over captions
+    assert boot["n_samples"] == 48 and boot["ci_low"] <= diff["vs_baseline"]["delta"] <= boot["ci_high"]
     for model, cell in row["models"].items():  # every number comes from the result files
         vals = [json.loads((out / "results" / model / f"seed{s}" / "ret_digits.json").read_text())["metrics"]
                 ["image_retrieval_recall@5"] for s in (0, 1)]

@@ -1,7 +1,9 @@
 """The summary of a study (training/study.py) from its result files alone: per evaluation metric and model the
 values over seeds, mean ± std (sample std, n-1), and against the baseline the mean paired difference with a
-two-sided paired t-test over seeds (scipy.stats.ttest_rel; needs >= 2 seeds), so the table says which differences
-are beyond seed noise at p < 0.05; then the paper's tables and figures (:mod:`diffclip.eval.report`, first model =
+two-sided paired t-test over seeds (scipy.stats.ttest_rel; needs >= 2 seeds) and, where the result files hold
+per-sample outcomes (``per_sample``), a paired bootstrap over the evaluation samples (:func:`paired_bootstrap`), so
+the table says which differences are beyond seed noise (p < 0.05) and beyond sampling noise (a 95 % interval
+without 0); then the paper's tables and figures (:mod:`diffclip.eval.report`, first model =
 the baseline of Figure 1) in ``<output>/report``."""
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from diffclip.files import write_json, write_text
 
 
 def collect(study: dict) -> dict:
-    """``{eval name: {model: {seed: metrics dict}}}`` of the result files present."""
+    """``{eval name: {model: {seed: record}}}`` of the result files present."""
     out = Path(study["output"]) / "results"
     found: dict = {}
     for e in study["eval"]:
@@ -23,7 +25,7 @@ def collect(study: dict) -> dict:
             for seed in study["seeds"]:
                 path = out / model / f"seed{seed}" / f"{e['name']}.json"
                 if path.is_file():
-                    found.setdefault(e["name"], {}).setdefault(model, {})[seed] = json.loads(path.read_text())["metrics"]
+                    found.setdefault(e["name"], {}).setdefault(model, {})[seed] = json.loads(path.read_text())
     return found
 
 
@@ -43,6 +45,25 @@ def paired_test(a: list[float], b: list[float]) -> dict:
     return res
 
 
+def paired_bootstrap(a: list, b: list, n_boot: int = 1000, seed: int = 0) -> dict | None:
+    """A 95 % percentile interval of the difference of means between two models scored on the same evaluation
+    samples: ``a`` and ``b`` hold one per-sample outcome array per seed (the same samples in the same order);
+    each resample draws the samples with replacement, the same draw for every seed and both models, and the
+    difference is that of the seed-averaged means. None when the arrays do not pair up."""
+    import numpy as np
+
+    if not a or len(a) != len(b) or len({len(x) for x in (*a, *b)}) != 1 or not len(a[0]):
+        return None
+    A, B = np.asarray(a, np.float32), np.asarray(b, np.float32)  # (seeds, n)
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(n_boot)
+    for i in range(n_boot):
+        idx = rng.integers(0, A.shape[1], A.shape[1])
+        diffs[i] = A[:, idx].mean() - B[:, idx].mean()
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return {"ci_low": float(low), "ci_high": float(high), "n_samples": int(A.shape[1]), "n_boot": n_boot}
+
+
 def summarise(study: dict, found: dict) -> list[dict]:
     """One row per (evaluation, metric): per model the values over seeds, mean, std, and the paired test against
     the baseline on the seeds both have."""
@@ -50,13 +71,13 @@ def summarise(study: dict, found: dict) -> list[dict]:
     base = study["baseline"]
     for e in study["eval"]:
         per_model = found.get(e["name"], {})
-        keys = e.get("metrics") or sorted({k for runs in per_model.values() for m in runs.values()
-                                          for k, v in m.items() if isinstance(v, (int, float))})
+        keys = e.get("metrics") or sorted({k for runs in per_model.values() for r in runs.values()
+                                          for k, v in r["metrics"].items() if isinstance(v, (int, float))})
         for key in keys:
             row = {"eval": e["name"], "metric": key, "models": {}}
             for model in study["models"]:
                 runs = per_model.get(model, {})
-                vals = {s: runs[s][key] for s in study["seeds"] if s in runs and key in runs[s]}
+                vals = {s: runs[s]["metrics"][key] for s in study["seeds"] if s in runs and key in runs[s]["metrics"]}
                 if not vals:
                     continue
                 v = list(vals.values())
@@ -67,6 +88,11 @@ def summarise(study: dict, found: dict) -> list[dict]:
                     common = [s for s in vals if s in b["seeds"]]
                     cell["vs_baseline"] = paired_test([vals[s] for s in common],
                                                       [b["values"][b["seeds"].index(s)] for s in common])
+                    outcomes = [(runs[s].get("per_sample", {}).get(key), per_model[base][s].get("per_sample", {})
+                                 .get(key)) for s in common]
+                    if outcomes and all(x is not None and y is not None for x, y in outcomes):
+                        cell["vs_baseline"]["bootstrap"] = paired_bootstrap([x for x, _ in outcomes],
+                                                                            [y for _, y in outcomes])
                 row["models"][model] = cell
             rows.append(row)
     return rows
@@ -76,7 +102,8 @@ def markdown(study: dict, rows: list[dict]) -> str:
     models, base = study["models"], study["baseline"]
     head = ["evaluation", "metric", *models]
     lines = [f"Study `{study['name']}`: mean ± std over seeds {study['seeds']}; Δ vs {base} (mean paired "
-             "difference), * where the paired t-test over seeds gives p < 0.05.", "",
+             "difference), * where the paired t-test over seeds gives p < 0.05, ‡ where the 95 % interval of a "
+             "paired bootstrap over the evaluation samples excludes 0.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["eval"], r["metric"]]
@@ -89,6 +116,8 @@ def markdown(study: dict, rows: list[dict]) -> str:
             t = c.get("vs_baseline")
             if t and t["n"]:
                 star = "*" if t["p_value"] is not None and t["p_value"] < 0.05 else ""
+                boot = t.get("bootstrap")
+                star += "‡" if boot and (boot["ci_low"] > 0 or boot["ci_high"] < 0) else ""
                 text += f" ({100 * t['delta']:+.2f}{star})"
             cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
