@@ -26,13 +26,13 @@ from diffclip.eval.common import (
     model_transform,
     result_record,
 )
-from diffclip.eval.zeroshot import TASK
+from diffclip.eval.zeroshot import TASK, cached_classifier
 from diffclip.eval.zeroshot import evaluate as zeroshot_evaluate
 
 from diffclip.cli import ArgumentParser, run, setup_logging
 from diffclip.files import check_writable, write_json, write_text
-from diffclip.runtime import get_autocast, resolve_device, seed_everything
-from diffclip.zero_shot import build_zero_shot_classifier, format_prompts
+from diffclip.runtime import resolve_device, seed_everything
+from diffclip.zero_shot import format_prompts
 
 log = logging.getLogger("diffclip.eval")
 DEFAULT_SHIFTS = ("imagenet-v2", "imagenet-a", "imagenet-r", "imagenet-sketch")
@@ -68,7 +68,6 @@ def evaluate(model, preprocess, tokenizer, datasets: list[str], *, data_root=Non
     """Zero-shot records of every set and the summary (see the module docstring); ``templates`` replaces every
     set's prompt templates."""
     roots = roots or {}
-    autocast = get_autocast(precision, device.type)
     shared: dict[tuple[str, ...], torch.Tensor] = {}  # classifier per (classnames, templates)
     records, acc = [], {}
     names = ([in_distribution] if in_distribution and id_acc1 is None else []) + list(datasets)
@@ -83,13 +82,10 @@ def evaluate(model, preprocess, tokenizer, datasets: list[str], *, data_root=Non
         ds = limit(readers.set_transform(ds, model_transform(preprocess, precision)), max_samples)
         if templates is not None:
             ds.templates = list(templates)
-        full_names = readers.imagenet_classnames() if ds.class_index is not None else ds.classnames
-        key = (*full_names, "|", *ds.templates)
-        if key not in shared:
-            shared[key] = build_zero_shot_classifier(model, tokenizer, full_names, ds.templates, device=device,
-                                                     autocast=autocast, progress=progress)
+        classifier = cached_classifier(shared, model, tokenizer, ds, device=device, precision=precision,
+                                       progress=progress)
         metrics, _ = zeroshot_evaluate(model, tokenizer, ds, device=device, precision=precision,
-                                       batch_size=batch_size, workers=workers, classifier=shared[key],
+                                       batch_size=batch_size, workers=workers, classifier=classifier,
                                        progress=progress)
         records.append(result_record(ds.name, model_name, pretrained, TASK, metrics))
         acc[ds.name] = metrics["acc1"]

@@ -41,8 +41,7 @@ from diffclip.eval.common import (
 
 from diffclip.cli import ArgumentParser, nonneg_int, positive_int, run, setup_logging
 from diffclip.files import check_writable, write_json, write_text
-from diffclip.runtime import PRECISION_HELP, PRECISIONS, get_autocast, resolve_device, seed_everything
-from diffclip.zero_shot import build_zero_shot_classifier
+from diffclip.runtime import PRECISION_HELP, PRECISIONS, resolve_device, seed_everything
 
 log = logging.getLogger("diffclip.eval")
 SHIFTS = ("imagenet-v2", "imagenet-a", "imagenet-r", "imagenet-sketch")
@@ -85,15 +84,11 @@ def run_task(task: str, name: str, model, preprocess, tokenizer, *, model_name: 
     if task in ("zeroshot", "robustness"):
         ds = readers.build_dataset(name, root, None, None)
         ds = limit(readers.set_transform(ds, model_transform(preprocess, args.precision)), args.max_samples)
-        full = readers.imagenet_classnames() if ds.class_index is not None else ds.classnames
-        key = (*full, "|", *ds.templates)
-        if key not in classifiers:
-            classifiers[key] = build_zero_shot_classifier(model, tokenizer, full, ds.templates, device=device,
-                                                          autocast=get_autocast(args.precision, device.type),
-                                                          progress=progress)
+        classifier = zeroshot.cached_classifier(classifiers, model, tokenizer, ds, device=device,
+                                                precision=args.precision, progress=progress)
         metrics, _ = zeroshot.evaluate(model, tokenizer, ds, device=device, precision=args.precision,
-                                       batch_size=args.batch_size, workers=args.workers,
-                                       classifier=classifiers[key], progress=progress)
+                                       batch_size=args.batch_size, workers=args.workers, classifier=classifier,
+                                       progress=progress)
         return result_record(ds.name, model_name, pretrained, zeroshot.TASK, metrics)
     if task == "retrieval":
         ds = readers.build_retrieval_dataset(name, root, None, None)

@@ -62,6 +62,21 @@ def load_classifier(path: str | Path, n_classes: int, embed_dim: int) -> torch.T
     return w
 
 
+def cached_classifier(cache: dict, model, tokenizer, dataset, *, device: torch.device, precision: str = "fp32",
+                      progress: bool = True) -> torch.Tensor:
+    """The zero-shot classifier of ``dataset`` from ``cache`` (built on a miss): keyed by class names and
+    templates, and for ImageNet variants with a ``class_index`` built over all 1000 ImageNet classes, so ImageNet,
+    -V2, -Sketch, -A and -R share one (:func:`evaluate` takes A's and R's columns)."""
+    from diffclip.eval import readers
+
+    names = readers.imagenet_classnames() if getattr(dataset, "class_index", None) is not None else dataset.classnames
+    key = (*names, "|", *dataset.templates)
+    if key not in cache:
+        cache[key] = build_zero_shot_classifier(model, tokenizer, names, dataset.templates, device=device,
+                                                autocast=get_autocast(precision, device.type), progress=progress)
+    return cache[key]
+
+
 def evaluate(model, tokenizer, dataset, *, device: torch.device, precision: str = "fp32", batch_size: int = 64,
              workers: int = 0, classifier: torch.Tensor | None = None,
              progress: bool = True, ranks: dict | None = None) -> tuple[dict, torch.Tensor]:

@@ -204,11 +204,6 @@ class SkipStats:
     def total(self) -> int:
         return sum(self.as_dict().values())
 
-    def summary(self) -> str:
-        d = self.as_dict()
-        return (f"skipped {d['shards_failed']} corrupt shard read(s), {d['samples_incomplete']} incomplete "
-                f"sample(s), {d['samples_undecodable']} undecodable sample(s)")
-
     def __repr__(self) -> str:
         return f"SkipStats({', '.join(f'{k}={v}' for k, v in self.as_dict().items())})"
 
@@ -622,6 +617,5 @@ def get_wds_loader(urls, preprocess, tokenizer, *, batch_size: int, num_samples:
     dataloader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers,
                                persistent_workers=persistent_workers and workers > 0, pin_memory=pin_memory,
                                **loader_kw)
-    dataloader.num_batches, dataloader.num_samples = num_batches, num_samples
     return DataInfo(dataloader=dataloader, num_samples=num_samples, num_batches=num_batches, stats=stats,
                     shared_epoch=shared if is_train else None)
