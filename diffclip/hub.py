@@ -29,6 +29,8 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 from safetensors.torch import load_file
 
+from .hf_clip import check_hf_config, hf_clip_to_open_clip, is_hf_clip_state_dict
+
 __all__ = ["HF_HUB_PREFIX", "RELEASES", "CHECKPOINT_SAFE_GLOBALS", "download", "resolve_pretrained", "torch_load",
            "read_state_dict", "convert_open_clip_state_dict", "load_state_dict", "load_pretrained"]
 
@@ -40,7 +42,7 @@ RELEASES = {
 }
 #: weight files tried, in order, in a hub repo or a local directory named without a file
 WEIGHT_FILES = ("model.safetensors", "checkpoint_best.pt", "open_clip_model.safetensors",
-                    "open_clip_pytorch_model.bin")
+                    "open_clip_pytorch_model.bin", "pytorch_model.bin")
 
 
 def _numpy_globals() -> list:
@@ -284,6 +286,18 @@ def load_pretrained(model: torch.nn.Module, pretrained: str, model_name: str | N
     """
     path = resolve_pretrained(pretrained, model_name)
     sd = read_state_dict(path)
+    if is_hf_clip_state_dict(sd):  # a transformers CLIPModel: its config.json sits beside the weights
+        config = Path(path).parent / "config.json"
+        if not config.is_file() and pretrained.startswith(HF_HUB_PREFIX):
+            try:
+                config = Path(download("/".join(pretrained[len(HF_HUB_PREFIX):].split("/")[:2]), "config.json"))
+            except FileNotFoundError:
+                pass
+        if model_name and config.is_file():
+            from .factory import get_model_config
+
+            check_hf_config(config, get_model_config(model_name), model_name)
+        sd = hf_clip_to_open_clip(sd)
     if is_open_clip_state_dict(sd):
         sd = convert_open_clip_state_dict(sd)
     load_state_dict(model, sd, source=f"{pretrained}" + (f" ({path})" if path != pretrained else ""))
