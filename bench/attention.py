@@ -2,9 +2,9 @@
 
 Candidates, run side by side in one process with interleaved repetitions (median time reported; ratios are
 medians over rounds of the ratio within a round):
-ours as built (``fused_mode="auto"``: the exact path with materialised maps on CPU, "wide" elsewhere), ours
+ours as built (``path="auto"``: the exact path with materialised maps on CPU, "wide" elsewhere), ours
 fused "wide" (two SDPA calls, value width 2d), ours fused "split" (one SDPA call over 4h heads of equal width,
-flash-capable), ours exact (``fused=False``: materialised fp32 maps), timm's ``DiffAttention`` at the same width,
+flash-capable), ours exact (``path="exact"``: materialised fp32 maps), timm's ``DiffAttention`` at the same width,
 and standard SDPA attention.
 Peak memory is the growth of the peak resident set (VmHWM) of a spawned child that runs one forward+backward
 (CPU has no allocator statistics; on CUDA ``torch.cuda.max_memory_allocated`` is used instead).
@@ -33,7 +33,7 @@ def candidates(dim: int, heads: int) -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
     auto = DiffAttention(dim, heads)
     wide, split, exact = copy.deepcopy(auto), copy.deepcopy(auto), copy.deepcopy(auto)
-    wide.fused_mode, split.fused_mode, exact.fused = "wide", "split", False
+    wide.path, split.path, exact.path = "wide", "split", "exact"
     return {"diffclip (auto)": auto, "diffclip fused wide": wide, "diffclip fused split-V": split,
             "diffclip exact": exact,
             "timm DiffAttention": timm.layers.DiffAttention(dim, num_heads=heads // 2, qkv_bias=True),

@@ -13,18 +13,22 @@ has ``num_heads // 2`` differential heads whose queries and keys have ``d = dim 
 channels each and whose values have ``2d``. Query/key channel block ``2i`` is Q1/K1 of differential
 head ``i`` and block ``2i + 1`` is its Q2/K2, which is the release's weight layout.
 
-Numerically equivalent paths compute the heads, chosen by ``fused_mode``:
+Three paths compute the heads, chosen by one switch, ``path`` (equal up to float rounding when there is no
+dropout; with ``attn_drop > 0`` in training the SDPA paths drop A1 and A2 independently inside SDPA, the exact
+path drops A1 - lambda A2):
 
 * ``"wide"``: ``(A1 - lambda A2) V = A1 V - lambda A2 V``, so two ``scaled_dot_product_attention`` calls
   with a value of width ``2d`` form both products without materialising any N x N map in Python (the
   memory-efficient kernels on CUDA);
 * ``"split"``: one SDPA call over ``4h`` heads of equal width ``d`` (each map times each half of V), for
   kernels that need the value as wide as the query;
-* ``"maps"``: the exact path: A1 and A2 materialised in fp32 and combined *before* the product with V, so
-  there is one value product per differential head instead of two. PyTorch's CPU SDPA has no fused kernel for
-  a value wider than the query and materialises the maps anyway, so on CPU this is the fastest path
-  (``bench/attention.py``); it is also the one that can keep the maps (``keep_maps``) for visualisation;
-* ``"auto"`` (default): ``"maps"`` on CPU, ``"wide"`` on other devices.
+* ``"exact"``: A1 and A2 materialised in fp32 and combined *before* the product with V, so there is one value
+  product per differential head instead of two. PyTorch's CPU SDPA has no fused kernel for a value wider than
+  the query and materialises the maps anyway, so on CPU this is the fastest path (``bench/attention.py``); it is
+  the only one that can keep the maps: ``keep_maps = True`` records them in ``attn_maps`` (and needs ``"exact"``);
+* ``"auto"`` (default): ``"exact"`` on CPU, ``"wide"`` on other devices.
+
+:class:`Attention` has the same switch with ``"auto"``/``"sdpa"`` (PyTorch's SDPA) and ``"exact"``.
 
 Both layers take input ``x`` of shape (B, N, dim) and return (B, N, dim) in ``x.dtype``.
 """
@@ -37,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DiffAttention", "Attention", "lambda_init_schedule", "ATTENTION_TYPES", "attention_layer"]
+__all__ = ["DiffAttention", "Attention", "lambda_init_schedule", "ATTENTION_TYPES", "attention_layer", "DIFF_PATHS",
+           "STANDARD_PATHS"]
 
 
 def lambda_init_schedule(layer_index: int) -> float:
@@ -78,13 +83,24 @@ def _check_mask(attn_mask: torch.Tensor | None, is_causal: bool) -> None:
         raise ValueError("pass either attn_mask or is_causal=True, not both")
 
 
-FUSED_MODES = ("auto", "wide", "split", "maps")
+DIFF_PATHS = ("auto", "wide", "split", "exact")
+STANDARD_PATHS = ("auto", "sdpa", "exact")
 
 
-def _check_mode(mode: str) -> str:
-    if mode not in FUSED_MODES:
-        raise ValueError(f"fused_mode must be one of {', '.join(FUSED_MODES)}, got {mode!r}")
-    return mode
+def _check_path(path: str, allowed: tuple[str, ...]) -> str:
+    if path not in allowed:
+        raise ValueError(f"path must be one of {', '.join(allowed)}, got {path!r}")
+    return path
+
+
+def _check_timm_options(qk_norm: bool, scale_norm: bool, device, dtype) -> None:
+    """timm's ``Block`` passes these to every attention layer; ours support only their defaults."""
+    for name, value in (("qk_norm", qk_norm), ("scale_norm", scale_norm)):
+        if value:
+            raise ValueError(f"{name}=True is not supported by diffclip's attention layers")
+    if device is not None or dtype is not None:
+        raise ValueError("diffclip's attention layers are built on the default device and dtype; move or cast the "
+                         "model afterwards (device/dtype given)")
 
 
 def _add_projections(layer: nn.Module, dim: int, qkv_bias: bool, proj_bias: bool, attn_drop: float,
@@ -109,21 +125,23 @@ class DiffAttention(nn.Module):
             ``num_heads // 2`` differential heads with query/key width ``dim // num_heads``).
         qkv_bias: bias on the q/k/v projections (True in the DiffCLIP release).
         proj_bias: bias on the output projection.
-        attn_drop: dropout on the attention output (probability, train mode only).
+        attn_drop: dropout on the attention maps before the product with V (probability, train mode only; see
+            the module docstring for how the paths differ).
         proj_drop: dropout after the output projection.
         lambda_init: a constant lambda_init (0.8 in the DiffCLIP release), or "schedule" for the paper's
             depth schedule :func:`lambda_init_schedule` evaluated at ``depth``.
-        depth: 0-based index of this layer in its tower (timm's ``Block`` passes it).
-        fused: allow the SDPA paths (True, then ``fused_mode`` decides) or always use the exact path that
-            materialises the maps (False).
-        fused_mode: "auto" (default: "maps" on CPU, "wide" elsewhere), "wide", "split" or "maps" (see the
-            module docstring); also settable later as the attribute ``fused_mode``.
-        **kwargs: ignored arguments that timm's ``Block`` passes to its attention layer (``qk_norm``...).
+        depth: 0-based index of this layer in its tower, for ``lambda_init="schedule"``. timm's ``Block`` does
+            not pass it to a non-timm attention class, so the vision tower (:mod:`diffclip.vision`) sets
+            ``lambda_init`` per block after timm builds them; the text tower passes it.
+        path: "auto" (default: "exact" on CPU, "wide" elsewhere), "wide", "split" or "exact" (module docstring);
+            also settable later as the attribute ``path``.
+        qk_norm, scale_norm, norm_layer, device, dtype: what timm's ``Block`` passes to its attention layer;
+            only the defaults are supported (``norm_layer`` is unused).
 
     Raises:
         ValueError: if ``num_heads`` is odd, ``dim`` is not divisible by ``num_heads``, ``lambda_init`` is an
-            unknown string or ``fused_mode`` is not one of the four modes (checked at construction and at the
-            forward pass).
+            unknown string, ``path`` is not one of the four (checked at construction and at the forward pass),
+            ``qk_norm``/``scale_norm`` is True, or ``keep_maps`` is set with a path other than "exact".
 
     Parameters: ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj`` (C x C), ``lambda_q1``, ``lambda_k1``,
     ``lambda_q2``, ``lambda_k2`` (d,), initialised N(0, 0.1), ``diff_norm.weight`` (2d,).
@@ -131,8 +149,10 @@ class DiffAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, proj_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, lambda_init: float | str = 0.8,
-                 depth: int = 0, fused: bool = True, fused_mode: str = "auto", **kwargs):
+                 depth: int = 0, path: str = "auto", qk_norm: bool = False, scale_norm: bool = False,
+                 norm_layer=None, device=None, dtype=None):
         super().__init__()
+        _check_timm_options(qk_norm, scale_norm, device, dtype)
         if num_heads < 2 or num_heads % 2:
             raise ValueError(f"differential attention needs an even num_heads (the baseline's head count, "
                              f"halved internally), got num_heads={num_heads}")
@@ -146,8 +166,7 @@ class DiffAttention(nn.Module):
         elif isinstance(lambda_init, str):
             raise ValueError(f"lambda_init must be a number or 'schedule', got {lambda_init!r}")
         self.lambda_init = float(lambda_init)
-        self.fused = fused
-        self.fused_mode = _check_mode(fused_mode)
+        self.path = _check_path(path, DIFF_PATHS)
         _add_projections(self, dim, qkv_bias, proj_bias, attn_drop, proj_drop)
         self.diff_norm = nn.RMSNorm(2 * self.head_dim, eps=1e-5)
         self.lambda_q1 = nn.Parameter(torch.empty(self.head_dim))
@@ -218,10 +237,12 @@ class DiffAttention(nn.Module):
         k = self.k_proj(x).view(B, N, 2 * h, d).transpose(1, 2)
         v = self.v_proj(x).view(B, N, h, 2 * d).transpose(1, 2)  # (B, h, N, 2d)
         lam = self.lambda_full()
-        mode = _check_mode(self.fused_mode)
+        mode = _check_path(self.path, DIFF_PATHS)
         if mode == "auto":
-            mode = "maps" if x.device.type == "cpu" else "wide"
-        if self.fused and not self.keep_maps and mode != "maps":
+            mode = "exact" if x.device.type == "cpu" else "wide"
+        if self.keep_maps and mode != "exact":
+            raise ValueError(f"keep_maps needs path='exact' (the only path that materialises the maps), got {mode!r}")
+        if mode != "exact":
             if attn_mask is not None and attn_mask.dim() == 4 and attn_mask.size(1) == h:
                 attn_mask = attn_mask.repeat_interleave(2, dim=1)
             dropout_p = self.attn_drop.p if self.training else 0.0
@@ -259,22 +280,28 @@ class Attention(nn.Module):
     Args:
         dim: model width C; must be divisible by ``num_heads``.
         num_heads: number of heads h (width ``dim // num_heads`` each).
-        qkv_bias, proj_bias, attn_drop, proj_drop, fused: as in :class:`DiffAttention`.
-        **kwargs: ignored (``lambda_init``, timm's ``qk_norm``...).
+        qkv_bias, proj_bias, attn_drop, proj_drop, qk_norm, scale_norm, norm_layer, device, dtype: as in
+            :class:`DiffAttention`.
+        path: "auto" or "sdpa" (PyTorch's ``scaled_dot_product_attention``) or "exact" (the maps materialised in
+            fp32; needed for ``keep_maps``).
+        lambda_init, depth: accepted so that both attention types take one signature; unused.
 
     Raises:
-        ValueError: if ``dim`` is not divisible by ``num_heads``.
+        ValueError: if ``dim`` is not divisible by ``num_heads``, an unknown ``path``, ``qk_norm``/``scale_norm``
+            True, or ``keep_maps`` with a path other than "exact".
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, proj_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, fused: bool = True, **kwargs):
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, path: str = "auto", lambda_init=None, depth: int = 0,
+                 qk_norm: bool = False, scale_norm: bool = False, norm_layer=None, device=None, dtype=None):
         super().__init__()
+        _check_timm_options(qk_norm, scale_norm, device, dtype)
         if num_heads < 1 or dim % num_heads:
             raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.fused = fused
+        self.path = _check_path(path, STANDARD_PATHS)
         _add_projections(self, dim, qkv_bias, proj_bias, attn_drop, proj_drop)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
@@ -285,7 +312,10 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, N, h, d).transpose(1, 2)
         k = self.k_proj(x).view(B, N, h, d).transpose(1, 2)
         v = self.v_proj(x).view(B, N, h, d).transpose(1, 2)
-        if self.fused and not self.keep_maps:
+        mode = _check_path(self.path, STANDARD_PATHS)
+        if self.keep_maps and mode != "exact":
+            raise ValueError(f"keep_maps needs path='exact' (the only path that materialises the maps), got {mode!r}")
+        if mode != "exact":
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                                dropout_p=self.attn_drop.p if self.training else 0.0)
         else:

@@ -33,10 +33,10 @@ def text_query_relevance(model, image: torch.Tensor, tokens: torch.Tensor) -> to
 
     visual = model.visual
     layers = attention_layers(visual)
-    saved = [a.keep_maps for a in layers]
+    saved = [(a.keep_maps, a.path) for a in layers]
     try:
         for a in layers:
-            a.keep_maps = True
+            a.keep_maps, a.path = True, "exact"
         with torch.enable_grad():
             img = F.normalize(model.encode_image(image).float(), dim=-1)
             with torch.no_grad():
@@ -45,8 +45,8 @@ def text_query_relevance(model, image: torch.Tensor, tokens: torch.Tensor) -> to
             maps = [a.attn_maps["live"] for a in layers]
             grads = torch.autograd.grad(score, maps)
     finally:
-        for a, k in zip(layers, saved):
-            a.keep_maps = k
+        for a, (k, path) in zip(layers, saved):
+            a.keep_maps, a.path = k, path
             a.attn_maps = None
     n = maps[0].size(-1)
     rel = torch.eye(n, dtype=torch.float64)

@@ -12,7 +12,7 @@ Examples::
     # any image through a DiffCLIP checkpoint's vision tower
     python eval/visualize.py --checkpoint DiffCLIP-Tiny-64@path/to/saved_model --image cat.png --output maps.png
 
-The maps come from the exact attention path: every attention layer is switched to ``keep_maps=True`` for one
+The maps come from the exact attention path: every attention layer is switched to ``path="exact"``, ``keep_maps=True`` for one
 forward pass, which materialises A1 and A2 (fp32 softmax) and stores them with λ (:mod:`diffclip.attention`).
 Writes the PNG and a JSON beside it (λ per layer, prediction, the chosen layers and heads).
 """
@@ -59,16 +59,16 @@ def attention_maps(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, lis
         shape (B, h, N, N), h = differential heads) or {"a"} (standard layer, (B, h, N, N)).
     """
     layers = attention_layers(model)
-    saved = [a.keep_maps for a in layers]
+    saved = [(a.keep_maps, a.path) for a in layers]
     try:
         for a in layers:
-            a.keep_maps = True
+            a.keep_maps, a.path = True, "exact"
             a.attn_maps = None
         out = model(x)
         maps = [{k: v for k, v in a.attn_maps.items() if k != "live"} for a in layers]
     finally:
-        for a, k in zip(layers, saved):
-            a.keep_maps = k
+        for a, (k, path) in zip(layers, saved):
+            a.keep_maps, a.path = k, path
             a.attn_maps = None
     return out, maps
 

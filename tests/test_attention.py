@@ -9,7 +9,7 @@ from diffclip.attention import Attention, DiffAttention, attention_layer, lambda
 
 def _pair(layer):
     exact = copy.deepcopy(layer)
-    exact.fused = False
+    exact.path = "exact"
     return layer, exact
 
 
@@ -28,7 +28,7 @@ def _grads(layer, x, **kw):
 def test_fused_matches_exact_outputs_and_gradients(mode, causal):
     torch.manual_seed(0)
     fused, exact = _pair(DiffAttention(64, num_heads=8))
-    fused.fused_mode = mode
+    fused.path = mode
     x = torch.randn(3, 11, 64)
     y1, gx1, g1 = _grads(fused, x, is_causal=causal)
     y2, gx2, g2 = _grads(exact, x, is_causal=causal)
@@ -43,7 +43,7 @@ def test_fused_matches_exact_outputs_and_gradients(mode, causal):
 def test_fused_matches_exact_with_padding_mask(mode):
     torch.manual_seed(1)
     fused, exact = _pair(DiffAttention(32, num_heads=4))
-    fused.fused_mode = mode
+    fused.path = mode
     x = torch.randn(2, 7, 32)
     keep = torch.ones(2, 1, 7, 7, dtype=torch.bool)
     keep[1, :, :, 5:] = False  # the second sample's last two tokens are padding
@@ -58,15 +58,15 @@ def test_auto_mode_takes_the_exact_path_on_cpu_and_modes_are_checked():
     torch.manual_seed(3)
     auto, exact = _pair(DiffAttention(64, num_heads=8))
     wide = copy.deepcopy(auto)
-    wide.fused_mode = "wide"
+    wide.path = "wide"
     x = torch.randn(2, 9, 64)
-    assert auto.fused_mode == "auto"
+    assert auto.path == "auto"
     assert torch.equal(auto(x, is_causal=True), exact(x, is_causal=True))  # bit-identical: the same computation
     assert not torch.equal(wide(x, is_causal=True), exact(x, is_causal=True))  # SDPA rounds differently
-    with pytest.raises(ValueError, match="fused_mode must be one of"):
-        DiffAttention(64, num_heads=8, fused_mode="flash")
-    auto.fused_mode = "flash"
-    with pytest.raises(ValueError, match="fused_mode must be one of"):
+    with pytest.raises(ValueError, match="path must be one of"):
+        DiffAttention(64, num_heads=8, path="flash")
+    auto.path = "flash"
+    with pytest.raises(ValueError, match="path must be one of"):
         auto(x)
 
 
@@ -93,8 +93,8 @@ def test_exact_path_matches_the_paper_formula():
 
 def test_causal_mask_later_tokens_do_not_change_earlier_outputs():
     torch.manual_seed(3)
-    wide, split, exact = (DiffAttention(32, num_heads=4, fused_mode=m) for m in ("wide", "split", "maps"))
-    std_fused, std_exact = Attention(32, num_heads=4), Attention(32, num_heads=4, fused=False)
+    wide, split, exact = (DiffAttention(32, num_heads=4, path=m) for m in ("wide", "split", "exact"))
+    std_fused, std_exact = Attention(32, num_heads=4), Attention(32, num_heads=4, path="exact")
     for layer in (wide, split, exact, std_fused, std_exact):  # every path, SDPA's causal one included
         x = torch.randn(2, 9, 32)
         x2 = x.clone()
@@ -128,7 +128,7 @@ def test_lambda_reparameterisation_and_init():
 def test_exact_path_keeps_maps_for_visualisation():
     torch.manual_seed(5)
     layer = DiffAttention(32, num_heads=4)
-    layer.keep_maps = True
+    layer.keep_maps, layer.path = True, "exact"
     y = layer(torch.randn(2, 6, 32))
     maps = layer.attn_maps
     assert maps["a1"].shape == (2, 2, 6, 6)
@@ -161,3 +161,26 @@ def test_bf16_autocast_runs_without_dtype_warnings():
             y = layer(x)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), layer(x), atol=0.1, rtol=0.1)
+
+
+def test_one_switch_and_clear_errors_for_unsupported_options():
+    for cls in (DiffAttention, Attention):
+        with pytest.raises(ValueError, match="qk_norm=True is not supported"):
+            cls(32, num_heads=4, qk_norm=True)
+        with pytest.raises(ValueError, match="scale_norm=True is not supported"):
+            cls(32, num_heads=4, scale_norm=True)
+        with pytest.raises(TypeError):
+            cls(32, num_heads=4, fused=False)  # the old switches are gone, not silently accepted
+        layer = cls(32, num_heads=4, path="split" if cls is DiffAttention else "sdpa")
+        layer.keep_maps = True
+        with pytest.raises(ValueError, match="keep_maps needs path='exact'"):
+            layer(torch.randn(1, 5, 32))
+        layer.path = "exact"
+        layer(torch.randn(1, 5, 32))
+        assert layer.attn_maps is not None
+    # what timm's Block passes builds the layer (its defaults)
+    import timm
+
+    vit = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1,
+                                                          num_heads=4, attn_layer=DiffAttention)
+    assert isinstance(vit.blocks[0].attn, DiffAttention)

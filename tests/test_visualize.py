@@ -27,7 +27,7 @@ def test_maps_are_exact_and_differential():
     model = _model("diff")
     x = torch.randn(2, 1, 28, 28)
     for b in model.blocks:  # the reference goes through SDPA (on CPU "auto" would take the exact path itself)
-        b.attn.fused_mode = "wide"
+        b.attn.path = "wide"
     with torch.no_grad():
         fused = model(x)
     out, maps = attention_maps(model, x)
