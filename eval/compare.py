@@ -142,8 +142,9 @@ def markdown_table(rows: list[dict]) -> str:
         head.insert(5, "seed project")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["label"], r["attn"], r["twin"] or "", f"{r['params']:,}", f"{r['acc1_mean']:.2f} ± {r['acc1_std']:.2f}",
-                 f"{r['acc5_mean']:.2f}", " / ".join(f"{a:.2f}" for a in r["acc1"]), str(r["epochs"]),
+        cells = [r["label"], r["attn"], r["twin"] or "", f"{r['params']:,}",
+                 f"{100 * r['acc1_mean']:.2f} ± {100 * r['acc1_std']:.2f}", f"{100 * r['acc5_mean']:.2f}",
+                 " / ".join(f"{100 * a:.2f}" for a in r["acc1"]), str(r["epochs"]),
                  f"{r['time_mean'] / 60:.1f} min",
                  f"{r['cpu_time_mean'] / 60:.1f} min" if r.get("cpu_time_mean") else "n/a"]
         if has_ref:
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 res = fut.result()
                 results.setdefault(r["label"], []).append(res)
-                tqdm.write(f"{r['label']} seed {r['seed']}: acc1 {res['acc1']:.2f} ({res['wall_time'] / 60:.1f} min)")
+                tqdm.write(f"{r['label']} seed {r['seed']}: acc1 {100 * res['acc1']:.2f} % ({res['wall_time'] / 60:.1f} min)")
             except RuntimeError as e:
                 failures.append(str(e))
                 tqdm.write(f"FAILED {e}")

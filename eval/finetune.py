@@ -17,7 +17,7 @@ erasing), ``Mixup`` (mixup / cutmix), the label-smoothing losses, ``create_optim
 no weight decay on 1-D parameters) and the cosine scheduler with warm-up. The test split is evaluated after
 every epoch; ``last.pt`` and ``best.pt`` are written atomically (temporary name + ``os.replace``); ``--resume``
 continues from ``last.pt``; ``log.jsonl`` and TensorBoard get one record per epoch; ``results.json`` gets the
-final metrics (``acc1``/``acc5`` of the last epoch, ``best_acc1``, parameter count, epochs, wall time).
+final metrics (``acc1``/``acc5`` of the last epoch as fractions, ``best_acc1``, parameter count, epochs, wall time).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from diffclip.cli import ArgumentParser, UsageError, nonneg_int, one_line, posit
 from diffclip.cli import run as run_program
 from diffclip.files import check_writable, save_torch, write_json
 from diffclip.hub import torch_load
+from diffclip.metrics import classification_metrics
 from diffclip.runtime import (
     PRECISION_HELP,
     PRECISIONS,
@@ -215,23 +216,23 @@ def _cached(ds, name: str, workers: int, progress: bool):
 # ---------------------------------------------------------------------------------------------------- loop
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "fp32", progress: bool = False) -> dict:
-    """Mean cross-entropy, top-1 and top-5 accuracy (percent) of ``model`` over ``loader``."""
+    """Mean cross-entropy and :func:`diffclip.metrics.classification_metrics` (``acc1``, ``acc5`` with >= 5
+    classes, ``mean_per_class_recall``; fractions, as every metric of diffclip) of ``model`` over ``loader``."""
     from tqdm import tqdm
 
     model.eval()
-    n, loss, c1, c5 = 0, 0.0, 0, 0
+    logits_all, targets = [], []
     autocast, input_dtype = get_autocast(precision, device.type), get_input_dtype(precision)
     for x, y in tqdm(loader, desc="eval", leave=False, disable=not progress):
         x, y = x.to(device, dtype=input_dtype or x.dtype), y.to(device)
         with autocast():
             logits = model(x)
-        logits = logits.float()
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-        top = logits.topk(min(5, logits.size(1)), dim=1).indices
-        c1 += (top[:, 0] == y).sum().item()
-        c5 += (top == y[:, None]).any(dim=1).sum().item()
-        n += y.numel()
-    return {"loss": loss / n, "acc1": 100.0 * c1 / n, "acc5": 100.0 * c5 / n}
+        logits_all.append(logits.float().cpu())
+        targets.append(y.cpu())
+    logits, y = torch.cat(logits_all), torch.cat(targets)
+    metrics = classification_metrics(logits, y)
+    metrics.setdefault("acc5", 1.0)  # fewer than 5 classes: every class is in the top 5
+    return {"loss": F.cross_entropy(logits, y).item(), **metrics}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -375,7 +376,7 @@ def run(args: argparse.Namespace) -> dict:
             log_file.flush()
             for key in ("train_loss", "eval_loss", "acc1", "acc5", "lr"):
                 writer.add_scalar(key, rec[key], epoch + 1)
-            log.info("epoch %d/%d: train_loss %.4f eval_loss %.4f acc1 %.2f acc5 %.2f (%.1fs)", epoch + 1, args.epochs,
+            log.info("epoch %d/%d: train_loss %.4f eval_loss %.4f acc1 %.4f acc5 %.4f (%.1fs)", epoch + 1, args.epochs,
                      rec["train_loss"], metrics["loss"], metrics["acc1"], metrics["acc5"], rec["epoch_time"])
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                      "best_acc1": best_acc1, "num_updates": num_updates, "wall_time": wall, "cpu_time": cpu,
