@@ -1,0 +1,220 @@
+"""The dataset classes behind :mod:`diffclip.eval.readers`: images from a list of files, idx (MNIST-format) arrays,
+a torchvision dataset wrapped with reader attributes, CLIP_benchmark's tar shards, retrieval sets."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import io
+import os
+import struct
+import tarfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from diffclip.images import load_image, to_rgb
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dataset classes
+# ---------------------------------------------------------------------------------------------------------------
+
+class ImageListDataset(Dataset):
+    """Images from a list of ``(path, label)`` pairs.
+
+    Attributes:
+        samples, targets, classnames, templates, class_index (see the module docstring).
+    """
+
+    def __init__(self, samples: Sequence[tuple[str, int]], classnames: Sequence[str], templates: Sequence[str],
+                 transform: Callable | None = None, class_index: Sequence[int] | None = None,
+                 background: tuple[int, int, int] | None = None, crop_border: int = 0):
+        self.samples = [(str(p), int(t)) for p, t in samples]
+        self.targets = [t for _, t in self.samples]
+        self.classnames, self.templates = list(classnames), list(templates)
+        self.class_index = list(class_index) if class_index is not None else None
+        self.transform, self.background, self.crop_border = transform, background, crop_border
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, target = self.samples[i]
+        img = load_image(path, self.background)
+        if self.crop_border:
+            b = self.crop_border
+            img = img.crop((b, b, img.width - b, img.height - b))
+        return (self.transform(img) if self.transform else img), target
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Reads an idx file (the MNIST format; ``.gz`` or not) into a read-only numpy array (the last few files
+    read are kept in memory, keyed by path, size and modification time)."""
+    st = os.stat(path)
+    return _read_idx_cached(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_idx_cached(path: str, size: int, mtime_ns: int) -> np.ndarray:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if zero != 0 or dtype_code not in dtypes:
+        raise ValueError(f"{path} is not an idx file (bad magic number)")
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    arr = np.frombuffer(data, dtype=dtypes[dtype_code], offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: header says {shape} but the file holds {arr.size} values")
+    return arr.reshape(shape)
+
+
+class IdxDataset(Dataset):
+    """MNIST-format images (N, H, W) uint8 and labels, yielded as grayscale (mode "L") PIL images."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, classnames: Sequence[str], templates: Sequence[str],
+                 transform: Callable | None = None):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.targets = images, [int(x) for x in labels]
+        self.classnames, self.templates, self.class_index = list(classnames), list(templates), None
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        img = Image.fromarray(np.ascontiguousarray(self.images[i]), mode="L")
+        return (self.transform(img) if self.transform else img), self.targets[i]
+
+
+class LabeledDataset(Dataset):
+    """Wraps a dataset yielding ``(PIL image, label)`` (e.g. a torchvision one, built without a transform), applies
+    ``transform`` and adds the reader attributes (optionally over a subset ``indices``)."""
+
+    def __init__(self, dataset: Dataset, classnames: Sequence[str], templates: Sequence[str],
+                 targets: Sequence[int] | None = None, indices: Sequence[int] | None = None,
+                 transform: Callable | None = None):
+        self.dataset, self.indices = dataset, (list(indices) if indices is not None else None)
+        self.classnames, self.templates, self.class_index = list(classnames), list(templates), None
+        self.targets = [int(t) for t in targets] if targets is not None else None
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices) if self.indices is not None else len(self.dataset)
+
+    def __getitem__(self, i: int):
+        img, target = self.dataset[self.indices[i] if self.indices is not None else i]
+        return (self.transform(img) if self.transform else img), int(target)
+
+
+@dataclass
+class _TarMember:
+    path: str
+    offset: int
+    size: int
+
+
+def _index_tar(path: str) -> list[tuple[str, dict[str, _TarMember]]]:
+    """Groups the members of one tar into webdataset samples: consecutive files sharing the key (the path up
+    to the first dot of the file name) form one sample, keyed by their extension."""
+    samples: list[tuple[str, dict[str, _TarMember]]] = []
+    with tarfile.open(path, "r:") as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            folder, base = os.path.split(m.name)
+            if "." not in base or base.startswith("."):
+                continue
+            stem, ext = base.split(".", 1)
+            key = f"{folder}/{stem}" if folder else stem
+            if not samples or samples[-1][0] != key:
+                samples.append((key, {}))
+            samples[-1][1][ext.lower()] = _TarMember(path, m.offset_data, m.size)
+    return samples
+
+
+def _read_member(m: _TarMember) -> bytes:
+    with open(m.path, "rb") as f:
+        f.seek(m.offset)
+        return f.read(m.size)
+
+
+_WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
+
+
+class TarShardDataset(Dataset):
+    """Random access to webdataset tar shards through an index of member offsets (built once by reading the tar
+    headers), so evaluation can use a plain map-style DataLoader with workers and a fixed order.
+
+    Yields ``(image, label)`` from ``cls`` for classification, or ``(image, index)`` with ``captions`` read from
+    ``txt`` (one caption per line) for retrieval.
+    """
+
+    def __init__(self, shards: Sequence[str], transform: Callable | None = None, task: str = "classification",
+                 classnames: Sequence[str] = (), templates: Sequence[str] = ()):
+        self.transform, self.task = transform, task
+        self.classnames, self.templates, self.class_index = list(classnames), list(templates), None
+        self.samples = []
+        for shard in shards:
+            for key, members in _index_tar(shard):
+                image_key = next((k for k in _WDS_IMAGE_KEYS if k in members), None)
+                needed = "cls" if task == "classification" else "txt"
+                if image_key is None or needed not in members:
+                    continue  # not a sample of this task (e.g. a stray json)
+                self.samples.append((key, members[image_key], members[needed]))
+        if not self.samples:
+            raise ValueError(f"no samples with an image and a '{'cls' if task == 'classification' else 'txt'}' "
+                             f"entry in {len(shards)} shard(s) starting with {shards[0] if shards else '-'}")
+        if task == "classification":
+            self.targets = [int(_read_member(m).decode().strip()) for _, _, m in self.samples]
+        else:
+            self.captions = [[c.strip() for c in _read_member(m).decode("utf-8").splitlines() if c.strip()]
+                             for _, _, m in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        img = to_rgb(Image.open(io.BytesIO(_read_member(self.samples[i][1]))))
+        img = self.transform(img) if self.transform else img
+        return img, (self.targets[i] if self.task == "classification" else i)
+
+
+class RetrievalDataset(Dataset):
+    """Images with several captions each; yields ``(image, image_index)``.
+
+    Attributes:
+        paths: image files; captions: list of caption lists (same order).
+    """
+
+    def __init__(self, paths: Sequence[str], captions: Sequence[Sequence[str]], transform: Callable | None = None,
+                 background: tuple[int, int, int] | None = None):
+        if len(paths) != len(captions):
+            raise ValueError(f"{len(paths)} images but {len(captions)} caption lists")
+        empty = [p for p, c in zip(paths, captions) if not c]
+        if empty:
+            raise ValueError(f"{len(empty)} images have no caption (e.g. {empty[0]})")
+        self.paths, self.captions = [str(p) for p in paths], [list(c) for c in captions]
+        self.transform, self.background = transform, background
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        img = load_image(self.paths[i], self.background)
+        return (self.transform(img) if self.transform else img), i
+
+
+def set_transform(dataset: Dataset, transform: Callable | None) -> Dataset:
+    """Sets the image transform of a reader dataset (also through ``limit``'s Subset); returns the dataset."""
+    target = dataset
+    while isinstance(target, torch.utils.data.Subset):
+        target = target.dataset
+    target.transform = transform
+    return dataset
