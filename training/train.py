@@ -30,7 +30,7 @@ from .distributed import DistInfo, all_reduce_mean
 __all__ = ["unwrap_model", "param_groups", "cosine_lr", "const_lr", "encode", "forward_backward",
            "sync_loss_grads", "train_step", "TrainState", "train_one_epoch", "evaluate_val"]
 
-log = logging.getLogger("train")
+log = logging.getLogger("diffclip.train")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
