@@ -11,7 +11,6 @@ from open_clip.tokenizer import SimpleTokenizer
 from torchvision import transforms as T
 
 from . import hub
-from .images import ToMode
 from .model import DiffCLIP
 
 __all__ = ["list_models", "get_model_config", "create_model", "create_model_and_transforms", "get_tokenizer",
@@ -71,20 +70,22 @@ def create_model(name: str, pretrained: str | None = None, device: str | torch.d
 
 
 def image_transform(preprocess_cfg: dict, image_size: int, is_train: bool) -> T.Compose:
-    """The CLIP image transforms (torchvision), PIL image -> (3, image_size, image_size) float32 tensor.
+    """The CLIP image transforms, PIL image -> (3, image_size, image_size) float32 tensor: open_clip's
+    ``image_transform`` with the config's settings.
 
-    Train: ``RandomResizedCrop(image_size, scale=train_scale)`` (DiffCLIP: scale (0.5, 1)); eval:
-    ``Resize(image_size)`` + ``CenterCrop(image_size)``. Both convert to RGB and normalise with the config's
-    ``mean`` and ``std`` (ImageNet statistics for the DiffCLIP release, OpenAI's for open_clip weights).
+    Train: ``RandomResizedCrop(image_size, scale=train_scale)`` (DiffCLIP: scale (0.5, 1); open_clip's
+    ``AugmentationCfg(scale=...)``); eval: ``Resize(image_size)`` + ``CenterCrop(image_size)`` (``resize_mode``
+    "shortest"). Both convert to RGB and normalise with the config's ``mean`` and ``std`` (ImageNet statistics for
+    the DiffCLIP release, OpenAI's for open_clip weights); bicubic unless the config says otherwise.
     """
-    interp = T.InterpolationMode(preprocess_cfg.get("interpolation", "bicubic"))
+    from open_clip.transform import AugmentationCfg
+    from open_clip.transform import image_transform as open_clip_image_transform
+
     mean, std = preprocess_cfg.get("mean", (0.485, 0.456, 0.406)), preprocess_cfg.get("std", (0.229, 0.224, 0.225))
-    if is_train:
-        resize = [T.RandomResizedCrop(image_size, scale=tuple(preprocess_cfg.get("train_scale", (0.5, 1.0))),
-                                      interpolation=interp)]
-    else:
-        resize = [T.Resize(image_size, interpolation=interp), T.CenterCrop(image_size)]
-    return T.Compose([*resize, ToMode("RGB"), T.ToTensor(), T.Normalize(mean, std)])
+    aug = AugmentationCfg(scale=tuple(preprocess_cfg.get("train_scale", (0.5, 1.0)))) if is_train else None
+    return open_clip_image_transform(image_size, is_train=is_train, mean=tuple(mean), std=tuple(std),
+                                     interpolation=preprocess_cfg.get("interpolation", "bicubic"),
+                                     resize_mode="shortest", aug_cfg=aug)
 
 
 def create_model_and_transforms(name: str, pretrained: str | None = None, device: str | torch.device | None = None):

@@ -177,3 +177,17 @@ def test_transforms_on_a_real_photo(photo):
     names = [type(t).__name__ for t in train.transforms]
     assert names[0] == "RandomResizedCrop" and train.transforms[0].scale == (0.5, 1.0)
     assert [type(t).__name__ for t in val.transforms][:2] == ["Resize", "CenterCrop"]
+
+
+def test_image_transforms_are_clips(photo):
+    """Eval: shorter side to the size (bicubic), centre crop, RGB, the config's normalisation; train: a random
+    resized crop of scale (0.5, 1) of the same normalisation."""
+    import torchvision.transforms as T
+
+    cfg = diffclip.get_model_config("DiffCLIP-Tiny-64")["preprocess_cfg"]
+    ref = T.Compose([T.Resize(64, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(64), T.ToTensor(),
+                     T.Normalize(cfg["mean"], cfg["std"])])
+    torch.testing.assert_close(diffclip.image_transform(cfg, 64, False)(photo.convert("RGBA")), ref(photo))
+    train = diffclip.image_transform(cfg, 64, True)
+    crop = next(t for t in train.transforms if isinstance(t, T.RandomResizedCrop))
+    assert crop.scale == (0.5, 1.0) and train(photo).shape == (3, 64, 64)
