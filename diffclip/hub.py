@@ -29,9 +29,10 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 from safetensors.torch import load_file
 
+from .cli import one_line
 from .hf_clip import check_hf_config, hf_clip_to_open_clip, is_hf_clip_state_dict
 
-__all__ = ["HF_HUB_PREFIX", "RELEASES", "CHECKPOINT_SAFE_GLOBALS", "download", "resolve_pretrained", "torch_load",
+__all__ = ["HF_HUB_PREFIX", "RELEASES", "CHECKPOINT_SAFE_GLOBALS", "download", "resolve_pretrained", "torch_load", "check_state_dict",
            "read_state_dict", "convert_open_clip_state_dict", "load_state_dict", "load_pretrained"]
 
 HF_HUB_PREFIX = "hf-hub:"
@@ -145,15 +146,10 @@ def torch_load(path: str | os.PathLike) -> Any:
         if detail:
             raise pickle.UnpicklingError(f"refusing to unpickle {path}: it needs a type outside the allow-list, "
                                          f"which could run code ({detail})") from None
-        raise ValueError(f"{path}: not a PyTorch checkpoint ({_first_line(e)})") from None
+        raise ValueError(f"{path}: not a PyTorch checkpoint ({one_line(e)})") from None
     except (EOFError, IndexError, KeyError, TypeError, AttributeError, RuntimeError, ValueError) as e:
         raise ValueError(f"{path}: not a readable PyTorch checkpoint, truncated or another format "
-                         f"({_first_line(e)})") from None
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0][:200] if lines else type(e).__name__
+                         f"({one_line(e)})") from None
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -177,7 +173,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         try:
             sd = load_file(path)
         except Exception as e:  # safetensors raises its own error type
-            raise ValueError(f"{path}: not a safetensors file ({_first_line(e)})") from None
+            raise ValueError(f"{path}: not a safetensors file ({one_line(e)})") from None
     else:
         obj = torch_load(path)
         sd = obj
@@ -257,8 +253,8 @@ def convert_open_clip_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch
     return renamed
 
 
-def load_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Loads ``sd`` strictly into ``model``, after checking names and shapes.
+def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Checks that ``sd`` fits ``model`` strictly (names and shapes) without loading it.
 
     Raises:
         RuntimeError: one line naming every missing and unexpected key, or every shape mismatch
@@ -274,6 +270,11 @@ def load_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source:
     if wrong:
         raise RuntimeError(f"{source} is for another architecture: shapes (checkpoint vs model) differ for "
                            f"{'; '.join(wrong)}")
+
+
+def load_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Loads ``sd`` strictly into ``model`` after :func:`check_state_dict` (whose RuntimeError it raises)."""
+    check_state_dict(model, sd, source)
     model.load_state_dict(sd, strict=True)
 
 

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffclip.eval.common import result_record
+from diffclip.eval.common import load_model, result_record
 
 from diffclip.cli import ArgumentParser, UsageError, positive_int, run, setup_logging
 from diffclip.files import check_writable, save_figure, write_json
 from diffclip.images import load_image
-from diffclip.runtime import PRECISION_HELP, PRECISIONS, cast_model, get_autocast, get_input_dtype, resolve_device
+from diffclip.runtime import PRECISION_HELP, PRECISIONS, get_autocast, get_input_dtype, resolve_device
 
 log = logging.getLogger("diffclip.eval")
 TASK = "mmvp"
@@ -149,8 +149,6 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import diffclip
-
     args = build_parser().parse_args(argv)
     setup_logging()
     if args.model:  # one model, one record (how training/study.py calls every evaluation program)
@@ -159,9 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         check_writable(args.output, "--output")
         pairs = read_pairs(args.data_root)[: args.max_pairs]
         device = resolve_device(args.device)
-        model, _, preprocess = diffclip.create_model_and_transforms(args.model, pretrained=args.pretrained)
-        model = cast_model(model.to(device).eval(), args.precision)
-        scored = pair_scores(model, preprocess, diffclip.get_tokenizer(args.model), pairs, device, args.precision,
+        model, preprocess, tokenizer = load_model(args.model, args.pretrained, device, args.precision)
+        scored = pair_scores(model, preprocess, tokenizer, pairs, device, args.precision,
                              progress=not args.no_progress)
         write_json(args.output, result_record("mmvp_vlm", args.model, args.pretrained, TASK, summarize(scored),
                                               root=str(args.data_root), pairs=len(scored)))
@@ -179,9 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     results, summary = {}, {}
     for spec, label in zip(args.models, labels):
         name, _, pretrained = spec.partition("@")
-        model, _, preprocess = diffclip.create_model_and_transforms(name, pretrained=pretrained or None)
-        model = cast_model(model.to(device).eval(), args.precision)
-        scored = pair_scores(model, preprocess, diffclip.get_tokenizer(name), pairs, device, args.precision,
+        model, preprocess, tokenizer = load_model(name, pretrained or None, device, args.precision)
+        scored = pair_scores(model, preprocess, tokenizer, pairs, device, args.precision,
                              progress=not args.no_progress)
         acc = summarize(scored)
         results[label] = acc

@@ -14,8 +14,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["text_query_relevance", "plot_queries"]
+__all__ = ["attention_layers", "text_query_relevance", "plot_queries"]
+
+
+def attention_layers(model: nn.Module) -> list[nn.Module]:
+    """The attention modules (DiffAttention or Attention) of the model's blocks, in depth order."""
+    from diffclip.attention import Attention, DiffAttention
+
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ValueError("the model has no .blocks (not a timm VisionTransformer)")
+    layers = [b.attn for b in blocks]
+    if not all(isinstance(a, (DiffAttention, Attention)) for a in layers):
+        raise ValueError("the model's attention is not diffclip's (DiffAttention / Attention): no maps to read")
+    return layers
 
 
 def text_query_relevance(model, image: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -29,8 +43,6 @@ def text_query_relevance(model, image: torch.Tensor, tokens: torch.Tensor) -> to
     Returns:
         (gh, gw) float32, non-negative, summing to 1 (or all zeros).
     """
-    from diffclip.eval.visualize import attention_layers
-
     visual = model.visual
     layers = attention_layers(visual)
     saved = [(a.keep_maps, a.path) for a in layers]

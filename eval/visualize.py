@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffclip.eval.relevance import attention_layers
 from torch import nn
 
 from diffclip.cli import ArgumentParser, UsageError, nonneg_int, run
@@ -31,19 +32,6 @@ from diffclip.files import check_writable, save_figure, write_json
 from diffclip.hub import torch_load
 
 __all__ = ["attention_layers", "attention_maps", "class_token_maps", "lambdas", "plot", "main"]
-
-
-def attention_layers(model: nn.Module) -> list[nn.Module]:
-    """The attention modules (DiffAttention or Attention) of the model's blocks, in depth order."""
-    from diffclip.attention import Attention, DiffAttention
-
-    blocks = getattr(model, "blocks", None)
-    if blocks is None:
-        raise ValueError("the model has no .blocks (not a timm VisionTransformer)")
-    layers = [b.attn for b in blocks]
-    if not all(isinstance(a, (DiffAttention, Attention)) for a in layers):
-        raise ValueError("the model's attention is not diffclip's (DiffAttention / Attention): no maps to read")
-    return layers
 
 
 @torch.no_grad()

@@ -50,7 +50,7 @@ from diffclip.training.train import (
 import diffclip
 from diffclip.cli import UsageError, one_line, run, setup_logging
 from diffclip.files import check_writable, write_text
-from diffclip.hub import load_state_dict
+from diffclip.hub import check_state_dict
 from diffclip.loss import ClipLoss, SigLipLoss
 from diffclip.runtime import (
     autocast_dtype,
@@ -221,7 +221,7 @@ def train(args) -> int:
         raise UsageError(f"an epoch has {data.num_batches} batches of {args.batch_size} per process, fewer than "
                        f"--accum-freq {args.accum_freq}: lower --batch-size or give more data")
 
-    # ---- the checkpoint to resume from: read and matched to the model before the run folder is touched ----
+    # ---- the checkpoint to resume from: read and checked against the model before the run folder is touched ----
     resume_from = (None, None)
     if args.resume:
         try:
@@ -231,8 +231,8 @@ def train(args) -> int:
                 resume_from = (Path(args.resume), read_checkpoint(args.resume))
             if resume_from[1] is not None:
                 written_for = resume_from[1].get("model_name")
-                load_state_dict(model, resume_from[1]["state_dict"], source=f"checkpoint {resume_from[0].name}"
-                                + (f" (written for --model {written_for})" if written_for else ""))
+                check_state_dict(model, resume_from[1]["state_dict"], source=f"checkpoint {resume_from[0].name}"
+                                 + (f" (written for --model {written_for})" if written_for else ""))
         except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
             raise UsageError(f"--resume {args.resume}: {one_line(e)}") from None
 

@@ -129,11 +129,12 @@ def markdown(study: dict, rows: list[dict]) -> str:
 def write_summary(study: dict, wall_time: float | None = None) -> dict:
     """Writes ``study.json`` and ``study.md`` in the study's output folder (atomically) and returns the summary."""
     out = Path(study["output"])
-    rows = summarise(study, collect(study))
+    found = collect(study)
+    rows = summarise(study, found)
     summary = {"study": study["name"], "models": study["models"], "baseline": study["baseline"],
                "seeds": study["seeds"], "rows": rows, "wall_time_s": wall_time, "markdown": markdown(study, rows)}
-    per_model = {m: [(seed, json.loads(p.read_text())) for seed in study["seeds"]
-                     for p in sorted((out / "results" / m / f"seed{seed}").glob("*.json"))] for m in study["models"]}
+    per_model = {m: [(seed, rec) for runs in found.values() for seed, rec in runs.get(m, {}).items()]
+                 for m in study["models"]}
     if sum(bool(v) for v in per_model.values()) > 1:  # the paper's tables and figures, mean ± std over seeds
         from diffclip.eval.report import write_report
 
