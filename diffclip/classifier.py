@@ -93,6 +93,40 @@ def _load_backbone(model: nn.Module, path: str) -> None:
         raise UsageError(f"{path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
+def _clip_data_cfg(clip: nn.Module) -> dict:
+    """A DiffCLIP/CLIP model's image preprocessing as a timm pretrained cfg (its vision tower has none)."""
+    pp = clip.preprocess_cfg
+    size = clip.visual.patch_embed.img_size[0]
+    return dict(input_size=(3, size, size), mean=tuple(pp.get("mean", (0.485, 0.456, 0.406))),
+                std=tuple(pp.get("std", (0.229, 0.224, 0.225))), interpolation="bicubic", crop_pct=1.0)
+
+
+def _data_cfg(model: nn.Module, args: argparse.Namespace | None = None, pretrained_cfg: dict | None = None) -> dict:
+    """The transforms' data config of ``model``, resolved by timm's ``resolve_data_config`` from the model's
+    pretrained cfg (or ``pretrained_cfg``), its input size and channels and ``--mean``/``--std``.
+
+    Returns:
+        {"img_size": int, "in_chans": int, "mean": tuple, "std": tuple}, the form stored in checkpoints.
+
+    Raises:
+        UsageError: ``--mean``/``--std`` with neither 1 nor ``in_chans`` values.
+    """
+    from timm.data import resolve_data_config
+
+    in_chans = getattr(args, "in_chans", None) or 3
+    grid = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    overrides = {"in_chans": in_chans, "img_size": grid[0] if grid else getattr(args, "img_size", None)}
+    for key in ("mean", "std"):
+        value = getattr(args, key, None)
+        if value is not None and len(value) not in (1, in_chans):
+            raise UsageError(f"--{key} needs {in_chans} values, got {len(value)}")
+        # timm's pretrained cfgs give 3-channel statistics, which would broadcast silently over 1 channel
+        overrides[key] = value if value is not None else ((0.5,) if in_chans != 3 else None)
+    cfg = resolve_data_config(overrides, pretrained_cfg=pretrained_cfg, model=model)
+    return dict(img_size=cfg["input_size"][-1], in_chans=cfg["input_size"][0], mean=tuple(cfg["mean"]),
+                std=tuple(cfg["std"]))
+
+
 def build_model(args: argparse.Namespace, num_classes: int, load_init: bool = True) -> tuple[nn.Module, dict]:
     """Builds the classifier of ``args`` with a fresh ``num_classes``-way head.
 
@@ -121,9 +155,7 @@ def build_model(args: argparse.Namespace, num_classes: int, load_init: bool = Tr
             _set_drop_path(model, args.drop_path)
         if args.img_size is not None and args.img_size != model.patch_embed.img_size[0]:
             model.set_input_size(img_size=args.img_size)
-        pp = clip.preprocess_cfg
-        data_cfg = dict(img_size=model.patch_embed.img_size[0], in_chans=3, mean=tuple(pp.get("mean", (0.485, 0.456, 0.406))),
-                        std=tuple(pp.get("std", (0.229, 0.224, 0.225))))
+        data_cfg = _data_cfg(model, args, pretrained_cfg=_clip_data_cfg(clip))
     else:
         if not timm.is_model(args.model):
             raise UsageError(f"unknown model {args.model!r}: not a timm model (diff_vit_*, std_vit_*, vit_*...) "
@@ -134,19 +166,7 @@ def build_model(args: argparse.Namespace, num_classes: int, load_init: bool = Tr
             raise UsageError(f"cannot build {args.model}: {e}") from None
         if load_init and args.init != "scratch":
             _load_backbone(model, args.init)
-        in_chans = args.in_chans or 3
-        img = getattr(getattr(model, "patch_embed", None), "img_size", None)
-        img_size = img[0] if img is not None else (args.img_size or model.pretrained_cfg.get("input_size", (3, 224))[-1])
-        data_cfg = dict(img_size=img_size, in_chans=in_chans,
-                        mean=(0.5,) * in_chans if in_chans != 3 else (0.485, 0.456, 0.406),
-                        std=(0.5,) * in_chans if in_chans != 3 else (0.229, 0.224, 0.225))
-    if args.mean is not None:
-        data_cfg["mean"] = tuple(args.mean)
-    if args.std is not None:
-        data_cfg["std"] = tuple(args.std)
-    for key in ("mean", "std"):
-        if len(data_cfg[key]) != data_cfg["in_chans"]:
-            raise UsageError(f"--{key} needs {data_cfg['in_chans']} values, got {len(data_cfg[key])}")
+        data_cfg = _data_cfg(model, args)
     return model, data_cfg
 
 
@@ -222,9 +242,7 @@ def load_vit(spec: str, device: str = "cpu") -> tuple[nn.Module, dict, str]:
             clip = diffclip.create_model(name, pretrained=pretrained or None)
         except (OSError, ValueError, RuntimeError) as e:
             raise UsageError(f"{spec}: {one_line(e)}") from None
-        pp = clip.preprocess_cfg
-        data_cfg = dict(img_size=clip.visual.patch_embed.img_size[0], in_chans=3,
-                        mean=tuple(pp.get("mean", (0.485, 0.456, 0.406))), std=tuple(pp.get("std", (0.229, 0.224, 0.225))))
+        data_cfg = _data_cfg(clip.visual, pretrained_cfg=_clip_data_cfg(clip))
         return clip.visual.to(device).eval(), data_cfg, f"{name} vision tower"
     raise UsageError(f"{spec!r} is neither a checkpoint file of eval/finetune.py nor a diffclip model name "
                      f"({', '.join(diffclip.list_models())}), optionally NAME@PRETRAINED")

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 from functools import partial
 
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed
-from timm.models import register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -84,19 +85,29 @@ _VARIANTS = [("nano", 4, 28), ("tiny", 4, 28), ("nano", 4, 32), ("tiny", 4, 32),
              ("tiny", 8, 64), ("tiny", 16, 224), ("small", 16, 224), ("base", 16, 224), ("base", 32, 224)]
 
 
+def _name(prefix: str, size: str, patch: int, img: int) -> str:
+    return f"{prefix}_{size}_patch{patch}_{img}"
+
+
+# timm's pretrained cfgs (no weights): what ``timm.data.resolve_data_config(model=...)`` reads for the transforms.
+default_cfgs = generate_default_cfgs({
+    _name(prefix, size, patch, img): dict(
+        url="", num_classes=1000, input_size=(3, img, img), pool_size=None, crop_pct=1.0, interpolation="bicubic",
+        fixed_input_size=True, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="patch_embed.proj",
+        classifier="head")
+    for prefix in ("diff_vit", "std_vit") for size, patch, img in _VARIANTS})
+
+
 def _register(prefix: str, attn_type: str, size: str, patch: int, img: int) -> None:
-    name = f"{prefix}_{size}_patch{patch}_{img}"
+    name = _name(prefix, size, patch, img)
 
     def create(pretrained: bool = False, **kwargs) -> VisionTransformer:
         if pretrained:
             raise ValueError(f"{name}: no pretrained weights are registered; load a checkpoint with "
                              "eval/finetune.py --init instead")
-        args = dict(_SIZES[size], patch_size=patch, img_size=img)
+        args = dict(_SIZES[size], patch_size=patch, attn_type=attn_type)
         args.update(kwargs)
-        args.pop("pretrained_cfg", None)
-        args.pop("pretrained_cfg_overlay", None)
-        args.pop("cache_dir", None)
-        return vision_transformer(attn_type=args.pop("attn_type", attn_type), **args)
+        return build_model_with_cfg(vision_transformer, name, pretrained=False, **args)
 
     create.__name__ = name
     create.__qualname__ = name

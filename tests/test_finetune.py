@@ -97,6 +97,7 @@ def test_init_from_diffclip_tower_copies_weights(tmp_path):
     for k, v in ref.items():
         assert torch.equal(got[k], v), k
     assert data_cfg["img_size"] == 64 and data_cfg["in_chans"] == 3
+    assert data_cfg["mean"] == tuple(clip.preprocess_cfg["mean"]) and data_cfg["std"] == tuple(clip.preprocess_cfg["std"])
 
     scratch, _ = build_model(parse_args(["--model", "DiffCLIP-Tiny-64", "--dataset", "folder", "--data-root",
                                          str(tmp_path), "--output", str(tmp_path / "o")]), num_classes=7)
@@ -189,3 +190,28 @@ def test_configs_are_valid():
     for path in configs:
         cfg = load_config(str(path))
         assert any("diff_vit" in m["args"]["model"] or "DiffCLIP" in m["args"]["model"] for m in cfg["models"]), path
+
+
+def test_data_config_is_timms(tmp_path):
+    """The transforms' statistics come from timm's resolve_data_config: the model's pretrained cfg for 3
+    channels (vit_* models: their own), 0.5 for 1 channel, --mean/--std (one value broadcast) over both."""
+    from diffclip.eval.finetune import parse_args
+    from timm.data import resolve_data_config
+
+    from diffclip.classifier import build_model
+    from diffclip.cli import UsageError
+
+    def cfg(*extra):
+        args = parse_args(["--dataset", "folder", "--data-root", str(tmp_path), "--output", str(tmp_path / "o"),
+                           *extra])
+        return build_model(args, num_classes=3)
+
+    model, c = cfg("--model", "vit_tiny_patch16_224", "--img-size", "32")
+    timm_cfg = resolve_data_config({}, model=model)
+    assert (c["mean"], c["std"], c["img_size"]) == (timm_cfg["mean"], timm_cfg["std"], 32)
+    _, c = cfg("--model", "diff_vit_nano_patch4_28", "--in-chans", "1")
+    assert (c["in_chans"], c["mean"], c["std"]) == (1, (0.5,), (0.5,))
+    _, c = cfg("--model", "diff_vit_nano_patch4_28", "--mean", "0.1", "--std", "0.2", "0.3", "0.4")
+    assert (c["mean"], c["std"]) == ((0.1, 0.1, 0.1), (0.2, 0.3, 0.4))
+    with pytest.raises(UsageError, match="--std needs 3 values, got 2"):
+        cfg("--model", "diff_vit_nano_patch4_28", "--std", "0.2", "0.3")

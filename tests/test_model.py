@@ -147,6 +147,12 @@ def test_timm_registration():
     assert sum(p.numel() for p in b.parameters()) == 85_803_264
     with pytest.raises(ValueError, match="no pretrained weights"):
         timm.create_model("diff_vit_nano_patch4_28", pretrained=True)
+    # built through timm's build_model_with_cfg: the pretrained cfg is what timm's data config resolves from
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=timm.create_model("std_vit_tiny_patch8_64"))
+    assert cfg["input_size"] == (3, 64, 64) and cfg["crop_pct"] == 1.0 and cfg["interpolation"] == "bicubic"
+    assert timm.create_model("diff_vit_tiny_patch8_64").pretrained_cfg["first_conv"] == "patch_embed.proj"
 
 
 def test_unknown_model_lists_known_ones():
