@@ -38,7 +38,8 @@ def get_model_config(name: str) -> dict:
     return copy.deepcopy(_CONFIGS[name])
 
 
-def create_model(name: str, pretrained: str | None = None, device: str | torch.device | None = None) -> DiffCLIP:
+def create_model(name: str, pretrained: str | None = None, device: str | torch.device | None = None,
+                 init_logit_scale: float | None = None, init_logit_bias: float | None = None) -> DiffCLIP:
     """Builds a named model and optionally loads weights.
 
     Args:
@@ -47,6 +48,10 @@ def create_model(name: str, pretrained: str | None = None, device: str | torch.d
             ``DiffCLIP-ViT-B-16``), ``hf-hub:org/repo[/file]``, a local directory or a checkpoint file
             (safetensors, our checkpoints, the authors' ``checkpoint_best.pt``, open_clip/OpenAI weights).
         device: where to put the model (default: CPU).
+        init_logit_scale, init_logit_bias: override the config's initial log logit scale; give the model
+            SigLIP's learnable ``logit_bias`` with this initial value (open_clip's model arguments of the same
+            names). Weights that carry a ``logit_bias`` (a SigLIP-trained model) give the model one; weights
+            without one (CLIP weights fine-tuned with SigLIP) leave it at ``init_logit_bias``.
 
     Returns:
         A :class:`DiffCLIP` in eval mode when weights were loaded, train mode otherwise.
@@ -62,7 +67,12 @@ def create_model(name: str, pretrained: str | None = None, device: str | torch.d
                          "file, or None for random initialisation")
     if pretrained is None and name.startswith(hub.HF_HUB_PREFIX):
         pretrained = name
-    model = DiffCLIP(**get_model_config(name))
+    cfg = get_model_config(name)
+    if init_logit_scale is not None:
+        cfg["init_logit_scale"] = init_logit_scale
+    if init_logit_bias is not None:
+        cfg["init_logit_bias"] = init_logit_bias
+    model = DiffCLIP(**cfg)
     if pretrained is not None:
         hub.load_pretrained(model, pretrained, model_name=name)
         model.eval()
@@ -88,10 +98,11 @@ def image_transform(preprocess_cfg: dict, image_size: int, is_train: bool) -> T.
                                      resize_mode="shortest", aug_cfg=aug)
 
 
-def create_model_and_transforms(name: str, pretrained: str | None = None, device: str | torch.device | None = None):
-    """``(model, preprocess_train, preprocess_val)`` as in open_clip; see :func:`create_model` and
-    :func:`image_transform`."""
-    model = create_model(name, pretrained=pretrained, device=device)
+def create_model_and_transforms(name: str, pretrained: str | None = None, device: str | torch.device | None = None,
+                                **model_kwargs):
+    """``(model, preprocess_train, preprocess_val)`` as in open_clip; see :func:`create_model` (which takes
+    ``model_kwargs``) and :func:`image_transform`."""
+    model = create_model(name, pretrained=pretrained, device=device, **model_kwargs)
     return (model, image_transform(model.preprocess_cfg, model.image_size, True),
             image_transform(model.preprocess_cfg, model.image_size, False))
 

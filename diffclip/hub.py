@@ -301,5 +301,11 @@ def load_pretrained(model: torch.nn.Module, pretrained: str, model_name: str | N
         sd = hf_clip_to_open_clip(sd)
     if is_open_clip_state_dict(sd):
         sd = convert_open_clip_state_dict(sd)
+    # SigLIP's bias (open_clip's rule, but keeping the model's initial value where open_clip puts 0): weights that
+    # have one give the model one; a model built with one keeps its initial value when the weights have none
+    if "logit_bias" in sd and getattr(model, "logit_bias", "absent") is None:
+        model.logit_bias = torch.nn.Parameter(torch.zeros_like(sd["logit_bias"]))
+    if "logit_bias" not in sd and isinstance(getattr(model, "logit_bias", None), torch.nn.Parameter):
+        sd = {**sd, "logit_bias": model.logit_bias.detach().clone()}
     load_state_dict(model, sd, source=f"{pretrained}" + (f" ({path})" if path != pretrained else ""))
     return path

@@ -5,7 +5,7 @@
   ``logit_scale * img @ txt.T``, the matching pairs on the diagonal. Distributed conventions follow open_clip
   (``--local-loss``, ``--gather-with-grad``).
 * :class:`SigLipLoss`: the pairwise sigmoid loss of SigLIP (Zhai et al. 2023, "Sigmoid Loss for Language Image
-  Pre-Training", eq. 1), with a learnable ``logit_bias`` (initialised to -10, and the logit scale to log 10).
+  Pre-Training", eq. 1), with the model's learnable ``logit_bias`` (initialised to -10, the logit scale to log 10).
 
 Both take L2-normalised features ``(n, D)`` of the ``n`` local samples and the exponentiated logit scale (0-d),
 and return the loss of the *global* batch of ``N = n * world_size`` pairs (with ``local_loss``, and for SigLIP,
@@ -182,41 +182,40 @@ class SigLipLoss(nn.Module):
     ranks (gathered with an autograd all-gather, so the gradient is exact after DDP's averaging) and divides
     by ``n``; the mean over ranks is the global loss.
 
-    The bias ``b`` (``logit_bias``, 0-d, initialised to ``init_logit_bias`` = -10 as in SigLIP) is a parameter
-    of this module, not of the model: the trainer optimises it, averages its gradient over ranks and saves it
-    in checkpoints; the exported model (embeddings only) does not contain it. SigLIP also initialises the
-    logit scale to log 10 (:data:`INIT_LOGIT_SCALE`), which the trainer applies with ``--siglip``.
+    The bias ``b`` is the model's learnable ``logit_bias`` (a :class:`diffclip.DiffCLIP` built with
+    ``init_logit_bias``, as in open_clip), passed in like the scale: DDP averages its gradient with the model's,
+    checkpoints and exports hold it. SigLIP initialises it to :data:`INIT_LOGIT_BIAS` (-10) and the log logit scale
+    to :data:`INIT_LOGIT_SCALE` (log 10); the trainer builds the model so with ``--siglip``.
 
     Args:
         rank, world_size: position of this process in the data-parallel group.
-        init_logit_bias: initial value of ``logit_bias``.
     """
 
     #: SigLIP's initial log logit scale (scale 10)
     INIT_LOGIT_SCALE = math.log(10)
+    #: SigLIP's initial logit bias
+    INIT_LOGIT_BIAS = -10.0
 
-    def __init__(self, rank: int = 0, world_size: int = 1, init_logit_bias: float = -10.0):
+    def __init__(self, rank: int = 0, world_size: int = 1):
         super().__init__()
         self.rank, self.world_size = rank, world_size
-        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
 
     exact = True
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-               logit_bias: torch.Tensor | None = None) -> torch.Tensor:
+               logit_bias: torch.Tensor) -> torch.Tensor:
         """(n, N) logits of the local images against the texts of all ranks."""
         if self.world_size > 1:
             text_features = _AllGatherWithGrad.apply(text_features, self.rank, self.world_size)
-        bias = self.logit_bias if logit_bias is None else logit_bias
-        return logit_scale * image_features @ text_features.T + bias
+        return logit_scale * image_features @ text_features.T + logit_bias
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: torch.Tensor | None = None) -> torch.Tensor:
+                logit_bias: torch.Tensor) -> torch.Tensor:
         """
         Args:
             image_features, text_features: (n, D) L2-normalised local features.
-            logit_scale: 0-d exponentiated scale.
-            logit_bias: 0-d bias to use instead of ``self.logit_bias`` (e.g. a detached copy).
+            logit_scale: 0-d exponentiated scale (``model(...)["logit_scale"]``).
+            logit_bias: 0-d bias (``model(...)["logit_bias"]``).
 
         Returns:
             0-d loss: this rank's share (equal to the global loss in one process).

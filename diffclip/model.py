@@ -3,8 +3,8 @@
 
 Parameter names follow the DiffCLIP release state dict exactly (reference layout, 517 tensors for
 ``DiffCLIP-ViT-B-16``): ``visual.*`` (timm ViT), ``transformer.resblocks.*``, ``token_embedding``,
-``positional_embedding``, ``ln_final``, ``image_projection``, ``text_projection``, ``logit_scale``.
-The same class with ``attn_type="standard"`` in a tower is the CLIP baseline.
+``positional_embedding``, ``ln_final``, ``image_projection``, ``text_projection``, ``logit_scale`` (and
+``logit_bias`` only in a model built for SigLIP training). The same class with ``attn_type="standard"`` in a tower is the CLIP baseline.
 """
 
 from __future__ import annotations
@@ -38,13 +38,15 @@ class DiffCLIP(nn.Module, PyTorchModelHubMixin, library_name="diffclip", tags=["
             ``attn_type``, ``lambda_init``, ``act``.
         preprocess_cfg: ``mean``, ``std``, ``interpolation``, ``train_scale`` for the image transforms.
         init_logit_scale: initial log of the logit scale (log(1/0.07) as in CLIP).
+        init_logit_bias: None (CLIP and the release: no bias), or the initial value of SigLIP's learnable 0-d
+            ``logit_bias`` (SigLIP: -10), as open_clip's ``init_logit_bias``.
 
     ``save_pretrained(dir)`` / ``from_pretrained(repo_id_or_dir)`` / ``push_to_hub(repo_id)`` come from
     huggingface_hub's ``PyTorchModelHubMixin`` and write ``config.json`` + ``model.safetensors``.
     """
 
     def __init__(self, embed_dim: int, vision_cfg: dict, text_cfg: dict, preprocess_cfg: dict | None = None,
-                 init_logit_scale: float = math.log(1 / 0.07)):
+                 init_logit_scale: float = math.log(1 / 0.07), init_logit_bias: float | None = None):
         super().__init__()
         self.embed_dim = embed_dim
         self.vision_cfg, self.text_cfg = dict(vision_cfg), dict(text_cfg)
@@ -61,6 +63,7 @@ class DiffCLIP(nn.Module, PyTorchModelHubMixin, library_name="diffclip", tags=["
         self.image_projection = nn.Parameter(torch.empty(self.visual.embed_dim, embed_dim))
         self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        self.logit_bias = None if init_logit_bias is None else nn.Parameter(torch.tensor(float(init_logit_bias)))
         self.init_parameters()
 
     def save_pretrained(self, save_directory: str | Path, **kwargs):
@@ -128,8 +131,12 @@ class DiffCLIP(nn.Module, PyTorchModelHubMixin, library_name="diffclip", tags=["
 
     def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None) -> dict:
         """Returns ``{"image_embed": (B, D), "text_embed": (B, D), "logit_scale": 0-d}`` as the DiffCLIP
-        release does: embeddings not normalised, ``logit_scale`` already exponentiated. A missing input
-        gives ``None`` for its embedding."""
-        return {"image_embed": None if image is None else self.encode_image(image),
-                "text_embed": None if text is None else self.encode_text(text),
-                "logit_scale": self.logit_scale.exp()}
+        release does: embeddings not normalised, ``logit_scale`` already exponentiated; a model with a
+        ``logit_bias`` (SigLIP) adds ``"logit_bias"`` (0-d, as it is). A missing input gives ``None`` for its
+        embedding."""
+        out = {"image_embed": None if image is None else self.encode_image(image),
+               "text_embed": None if text is None else self.encode_text(text),
+               "logit_scale": self.logit_scale.exp()}
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
+        return out

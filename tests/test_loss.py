@@ -41,14 +41,30 @@ def test_clip_loss_perfect_alignment_is_small():
 
 def test_siglip_loss_formula():
     img, txt = _features(n=5)
-    loss_fn = SigLipLoss(init_logit_bias=-3.0)
-    scale = torch.tensor(10.0)
+    scale, bias = torch.tensor(10.0), torch.tensor(-3.0)
     z = 2 * torch.eye(5) - 1
     logits = scale * img @ txt.T - 3.0
     expected = -F.logsigmoid(z * logits).sum() / 5
-    assert torch.allclose(loss_fn(img, txt, scale), expected, atol=1e-6)
-    assert loss_fn.logit_bias.item() == -3.0 and SigLipLoss().logit_bias.item() == -10.0
-    assert math.isclose(SigLipLoss.INIT_LOGIT_SCALE, math.log(10))
+    assert torch.allclose(SigLipLoss()(img, txt, scale, bias), expected, atol=1e-6)
+    assert math.isclose(SigLipLoss.INIT_LOGIT_SCALE, math.log(10)) and SigLipLoss.INIT_LOGIT_BIAS == -10.0
+
+
+def test_siglip_bias_lives_on_the_model(tmp_path):
+    """open_clip's layout: the bias is a model parameter, created only for SigLIP; the release layout (no bias)
+    still loads strictly, CLIP weights load into a SigLIP model (bias kept at its initial value), and a
+    SigLIP-trained model's weights bring their bias along."""
+    clip = diffclip.create_model("DiffCLIP-Tiny-64")
+    assert clip.logit_bias is None and "logit_bias" not in clip.state_dict() and "logit_bias" not in clip()
+    clip.save_pretrained(tmp_path / "clip")
+    sig = diffclip.create_model("DiffCLIP-Tiny-64", pretrained=str(tmp_path / "clip"),
+                                init_logit_scale=SigLipLoss.INIT_LOGIT_SCALE, init_logit_bias=-10.0)
+    assert sig.logit_bias.item() == -10.0 and sig()["logit_bias"] is sig.logit_bias
+    assert torch.equal(sig.logit_scale, clip.logit_scale)  # the weights' scale, not the init
+    with torch.no_grad():
+        sig.logit_bias.fill_(-4.5)
+    sig.save_pretrained(tmp_path / "sig")
+    back = diffclip.create_model("DiffCLIP-Tiny-64", pretrained=str(tmp_path / "sig"))
+    assert back.logit_bias.item() == -4.5
 
 
 def test_scale_grad():
@@ -69,14 +85,13 @@ def test_clamp_logit_scale():
 
 
 def test_no_weight_decay_groups():
-    model = diffclip.create_model("DiffCLIP-Tiny-64")
-    siglip = SigLipLoss()
-    decay, no_decay = param_groups(model, 0.1, siglip)
+    model = diffclip.create_model("DiffCLIP-Tiny-64", init_logit_bias=-10.0)
+    decay, no_decay = param_groups(model, 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
-    nd = {names.get(id(p), "logit_bias") for p in no_decay["params"]}
+    nd = {names[id(p)] for p in no_decay["params"]}
     d = {names[id(p)] for p in decay["params"]}
-    assert len(nd) + len(d) == len(names) + 1
+    assert len(nd) + len(d) == len(names)
     for name in ("logit_scale", "logit_bias", "positional_embedding", "visual.pos_embed", "visual.cls_token",
                  "visual.blocks.0.attn.lambda_q1", "transformer.resblocks.3.attn.lambda_k2",
                  "visual.blocks.0.attn.diff_norm.weight", "visual.blocks.0.norm1.weight", "ln_final.bias",

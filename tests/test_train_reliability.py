@@ -105,3 +105,30 @@ def test_a_failing_evaluation_keeps_the_epoch_and_corrupt_zero_shot_images_are_s
     zs = [r for r in records if r["type"] == "zeroshot"]
     assert len(zs) == 1 and 0 <= zs[0]["acc1"] <= 1  # zero-shot ran (before the failing validation)
     Image.open(data["zs"] / "chelsea" / "0.png").verify()  # the good images are untouched
+
+
+def test_siglip_run_keeps_its_bias_in_checkpoints_and_export(data, tmp_path):
+    """--siglip: the learnable logit_bias is a model parameter (open_clip's layout): initialised to -10 with the
+    scale at log 10, trained, logged, saved in the checkpoint, exported, and a --resume restores it."""
+    import diffclip
+    from diffclip.hub import torch_load
+
+    r = _run(_cmd(data, tmp_path, "s", "--siglip", "--val-data", str(data["shards"] / "val"),
+                  "--save-every-n-steps", "1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = [json.loads(x) for x in (tmp_path / "s" / "results.jsonl").read_text().splitlines()]
+    train = [x for x in records if x["type"] == "train"]
+    assert len(train) == 2 and all(-10.1 < x["logit_bias"] < -9.9 for x in train)
+    assert train[0]["logit_scale"] == pytest.approx(10.0, rel=0.01)
+    assert train[0]["logit_bias"] != -10.0  # the optimizer moved it
+    assert any(x["type"] == "val" and x["val_loss"] > 0 for x in records)
+    final = torch_load(tmp_path / "s" / "checkpoints" / "epoch_1.pt")["state_dict"]["logit_bias"]
+    assert final.item() == train[-1]["logit_bias"]
+    exported = diffclip.create_model("DiffCLIP-Tiny-64", pretrained=str(tmp_path / "s" / "final_model"))
+    assert exported.logit_bias.item() == final.item()
+    # resuming from the first step's checkpoint gives the same second step as the uninterrupted run
+    step1 = tmp_path / "s" / "checkpoints" / "step_1.pt"
+    r = _run(_cmd(data, tmp_path, "s2", "--siglip", "--resume", str(step1)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = [json.loads(x) for x in (tmp_path / "s2" / "results.jsonl").read_text().splitlines()]
+    assert [x["logit_bias"] for x in resumed if x["type"] == "train"] == [train[-1]["logit_bias"]]

@@ -7,7 +7,7 @@ a temporary name, then a rename), so a killed run leaves either the previous or 
 newer files that are empty, truncated or not checkpoints. It holds:
 
 * ``state_dict`` (the model weights, no ``module.`` prefix: :func:`diffclip.hub.read_state_dict` and
-  ``diffclip.create_model(name, pretrained=file)`` read it), ``loss_state`` (SigLIP's ``logit_bias``),
+  ``diffclip.create_model(name, pretrained=file)`` read it; with ``--siglip`` it holds ``logit_bias``),
 * ``optimizer``, ``scaler``, ``step`` (optimizer steps done), ``epoch`` (the epoch to continue, 0-based),
   ``batches_done`` (micro-batches of that epoch already consumed: the data position),
 * ``rng``: the Python, NumPy, torch (and CUDA) generator states of every rank,
@@ -112,7 +112,7 @@ def save_checkpoint(path: str | Path, state, batches_done: int, info: DistInfo, 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         model = unwrap_model(state.model)
-        ckpt = {"state_dict": model.state_dict(), "loss_state": state.loss_fn.state_dict(),
+        ckpt = {"state_dict": model.state_dict(),
                 "optimizer": state.optimizer.state_dict(),
                 "scaler": state.scaler.state_dict() if state.scaler is not None else None,
                 "step": state.step, "epoch": state.epoch if epoch is None else epoch, "batches_done": batches_done,
@@ -138,6 +138,9 @@ def read_checkpoint(path: str | Path) -> dict:
     ckpt = torch_load(path)
     if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "step" not in ckpt or "state_dict" not in ckpt:
         raise ValueError(f"{path}: not a training checkpoint of training/main.py (use --pretrained for weights)")
+    legacy = ckpt.pop("loss_state", None) or {}  # SigLIP's bias, before it moved onto the model
+    if "logit_bias" in legacy:
+        ckpt["state_dict"]["logit_bias"] = legacy["logit_bias"]
     return ckpt
 
 
@@ -174,8 +177,6 @@ def load_checkpoint(path: str | Path, state, info: DistInfo, ckpt: dict | None =
     written_for = ckpt.get("model_name")
     load_state_dict(model, ckpt["state_dict"], source=f"checkpoint {path.name}"
                     + (f" (written for --model {written_for})" if written_for else ""))
-    if ckpt.get("loss_state"):
-        state.loss_fn.load_state_dict(ckpt["loss_state"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
     if state.scaler is not None and ckpt.get("scaler"):
         state.scaler.load_state_dict(ckpt["scaler"])

@@ -201,8 +201,9 @@ def train(args) -> int:
     tokenizer = diffclip.get_tokenizer(args.model)
     seed_everything(args.seed)  # the same initial weights on every rank
     try:
-        model, preprocess_train, preprocess_val = diffclip.create_model_and_transforms(args.model,
-                                                                                       pretrained=args.pretrained)
+        siglip = dict(init_logit_scale=SigLipLoss.INIT_LOGIT_SCALE, init_logit_bias=SigLipLoss.INIT_LOGIT_BIAS)
+        model, preprocess_train, preprocess_val = diffclip.create_model_and_transforms(
+            args.model, pretrained=args.pretrained, **(siglip if args.siglip else {}))
     except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
         raise UsageError(f"--pretrained {args.pretrained}: {one_line(e)}" if args.pretrained
                          else f"--model: {one_line(e)}") from None
@@ -267,9 +268,6 @@ def train(args) -> int:
 
     # ---- model, loss, optimizer ----
     model.train()
-    if args.siglip and not args.pretrained:
-        with torch.no_grad():
-            model.logit_scale.fill_(SigLipLoss.INIT_LOGIT_SCALE)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model = cast_model(model.to(info.device), args.precision)
@@ -279,7 +277,6 @@ def train(args) -> int:
     if args.siglip:
         loss_fn = SigLipLoss(rank=info.rank, world_size=info.world_size)
         val_loss_fn = SigLipLoss()
-        val_loss_fn.logit_bias = loss_fn.logit_bias
     else:
         loss_fn = ClipLoss(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad, rank=info.rank,
                            world_size=info.world_size)
@@ -288,7 +285,7 @@ def train(args) -> int:
             log.warning("--local-loss without --gather-with-grad: the gradient misses the other ranks' column "
                         "terms (as in open_clip); add --gather-with-grad for the exact gradient")
     loss_fn = loss_fn.to(info.device)
-    optimizer = torch.optim.AdamW(param_groups(model, args.wd, loss_fn), lr=args.lr,
+    optimizer = torch.optim.AdamW(param_groups(model, args.wd), lr=args.lr,
                                   betas=(args.beta1, args.beta2), eps=args.eps)
     scaler = torch.amp.GradScaler(info.device.type) if needs_grad_scaler(args.precision, info.device.type) else None
     ddp_model = model

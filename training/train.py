@@ -28,7 +28,7 @@ from diffclip.metrics import retrieval_metrics
 from .distributed import DistInfo, all_reduce_mean
 
 __all__ = ["unwrap_model", "param_groups", "cosine_lr", "const_lr", "encode", "forward_backward",
-           "sync_loss_grads", "train_step", "TrainState", "train_one_epoch", "evaluate_val"]
+           "train_step", "TrainState", "train_one_epoch", "evaluate_val"]
 
 log = logging.getLogger("diffclip.train")
 
@@ -44,15 +44,15 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def param_groups(model: nn.Module, weight_decay: float, extra: nn.Module | None = None) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW parameter groups: weight decay on weight matrices only, through timm's
     ``param_groups_weight_decay`` (open_clip's rule).
 
     No decay on: every parameter with fewer than 2 dimensions and every bias (LayerNorm gains, the head-wise
     RMSNorm gains ``diff_norm.weight``, the differential-attention vectors ``lambda_q1``/``lambda_k1``/
     ``lambda_q2``/``lambda_k2``, ``logit_scale``), the positional and class embeddings (``visual.pos_embed``,
-    ``visual.cls_token`` - what timm's ``no_weight_decay()`` lists - and the text ``positional_embedding``) and the
-    parameters of ``extra`` (the SigLIP ``logit_bias``). Decay on the projections, MLP and attention matrices,
+    ``visual.cls_token`` - what timm's ``no_weight_decay()`` lists - and the text ``positional_embedding``) and
+    SigLIP's ``logit_bias``. Decay on the projections, MLP and attention matrices,
     patch embedding and token embedding.
 
     Returns:
@@ -67,8 +67,6 @@ def param_groups(model: nn.Module, weight_decay: float, extra: nn.Module | None 
     groups = param_groups_weight_decay(model, weight_decay if weight_decay else 1.0, no_weight_decay_list=skip)
     decay = [p for g in groups if g["weight_decay"] > 0 for p in g["params"]]
     no_decay = [p for g in groups if g["weight_decay"] == 0 for p in g["params"]]
-    if extra is not None:
-        no_decay += [p for p in extra.parameters() if p.requires_grad]
     return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
 
@@ -87,19 +85,14 @@ def const_lr(step: int, base_lr: float, warmup: int, total_steps: int) -> float:
     return base_lr * (step + 1) / warmup if step < warmup else base_lr
 
 
-def encode(model: nn.Module, images: torch.Tensor, texts: torch.Tensor):
-    """``(image_features, text_features, logit_scale)``: L2-normalised (B, D) features in fp32 and the
-    exponentiated scale, through ``model``'s forward (so that DDP sees the call)."""
+def encode(model: nn.Module, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(image_features, text_features, logit_scale[, logit_bias])``: L2-normalised (B, D) features in fp32,
+    the exponentiated scale and, for a SigLIP model, the bias, through ``model``'s forward (so that DDP sees the
+    call). ``loss_fn(*encode(...))`` is the loss."""
     out = model(images, texts)
-    return (F.normalize(out["image_embed"].float(), dim=-1), F.normalize(out["text_embed"].float(), dim=-1),
-            out["logit_scale"].float())
-
-
-def _loss(loss_fn: nn.Module, img, txt, scale, bias_grad: bool = True) -> torch.Tensor:
-    bias = getattr(loss_fn, "logit_bias", None)
-    if bias is None:
-        return loss_fn(img, txt, scale)
-    return loss_fn(img, txt, scale, bias if bias_grad else bias.detach())
+    feats = (F.normalize(out["image_embed"].float(), dim=-1), F.normalize(out["text_embed"].float(), dim=-1),
+             out["logit_scale"].float())
+    return feats + ((out["logit_bias"].float(),) if "logit_bias" in out else ())
 
 
 def _backward(loss: torch.Tensor, scaler) -> None:
@@ -119,7 +112,7 @@ def forward_backward(model: nn.Module, loss_fn: nn.Module, micro_batches: list[t
     micro-batch are first computed without gradients and cached; then each micro-batch ``j`` is encoded again
     with gradients and the loss over the union (cached features of the others, fresh ones of ``j``) is
     backpropagated, which adds the union-loss gradient through micro-batch ``j``. The sum over ``j`` is the
-    gradient of the union loss. The logit scale (and SigLIP bias) enter with gradients in the last pass only,
+    gradient of the union loss. The logit scale (and SigLIP's bias) enter with gradients in the last pass only,
     so that their gradient is counted once; DDP synchronises gradients in that last pass only (``no_sync``).
 
     Args:
@@ -135,8 +128,7 @@ def forward_backward(model: nn.Module, loss_fn: nn.Module, micro_batches: list[t
     if len(micro_batches) == 1:
         images, texts = micro_batches[0]
         with autocast():
-            img, txt, scale = encode(model, images, texts)
-            loss = _loss(loss_fn, img, txt, scale)
+            loss = loss_fn(*encode(model, images, texts))
         _backward(loss, scaler)
         return loss.detach()
 
@@ -149,37 +141,26 @@ def forward_backward(model: nn.Module, loss_fn: nn.Module, micro_batches: list[t
         sync = contextlib.nullcontext() if (last or not is_ddp) else ddp.no_sync()
         with sync:
             with autocast():
-                img, txt, scale = encode(model, images, texts)
+                img, txt, *scalars = encode(model, images, texts)
                 all_img = torch.cat([c[0] for c in cached[:j]] + [img] + [c[0] for c in cached[j + 1:]])
                 all_txt = torch.cat([c[1] for c in cached[:j]] + [txt] + [c[1] for c in cached[j + 1:]])
-                loss = _loss(loss_fn, all_img, all_txt, scale if last else scale.detach(), bias_grad=last)
+                loss = loss_fn(all_img, all_txt, *(s if last else s.detach() for s in scalars))
             _backward(loss, scaler)
     return loss.detach()
 
 
-def sync_loss_grads(loss_fn: nn.Module, dist_info: DistInfo) -> None:
-    """Averages the gradients of the loss's own parameters (SigLIP's ``logit_bias``) over ranks, as DDP does
-    for the model's."""
-    if dist_info.distributed:
-        for p in loss_fn.parameters():
-            if p.grad is not None:
-                torch.distributed.all_reduce(p.grad)
-                p.grad /= dist_info.world_size
-
-
 def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-               micro_batches: list[tuple[torch.Tensor, torch.Tensor]], dist_info: DistInfo,
+               micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
                autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext, scaler=None,
                grad_clip_norm: float | None = None) -> torch.Tensor:
     """One optimizer step (the learning rate must already be set): zero the gradients, forward/backward,
-    average the loss module's gradients over ranks (DDP does the model's), clip, step, clamp the logit scale.
+    clip, step, clamp the logit scale.
 
     Returns:
         The loss of this rank (0-d, detached).
     """
     optimizer.zero_grad(set_to_none=True)
     loss = forward_backward(model, loss_fn, micro_batches, autocast, scaler)
-    sync_loss_grads(loss_fn, dist_info)
     use_scaler = scaler is not None and scaler.is_enabled()
     if grad_clip_norm is not None:
         if use_scaler:
@@ -281,7 +262,7 @@ def train_one_epoch(state: TrainState, data, start_batch: int = 0,
         lr = state.lr_fn(state.step)
         for group in state.optimizer.param_groups:
             group["lr"] = lr
-        loss = train_step(model, state.loss_fn, state.optimizer, micro, info, state.autocast, state.scaler,
+        loss = train_step(model, state.loss_fn, state.optimizer, micro, state.autocast, state.scaler,
                           args.grad_clip_norm)
         micro = []
         state.step += 1
@@ -299,8 +280,8 @@ def train_one_epoch(state: TrainState, data, start_batch: int = 0,
                           "logit_scale": scale, "samples_per_second": n_timed * global_batch / max(elapsed, 1e-9),
                           "samples_per_second_per_process": n_timed * global_batch / info.world_size
                           / max(elapsed, 1e-9), "data_time": data_time / n_timed, "batch_time": batch_time / n_timed}
-                if hasattr(state.loss_fn, "logit_bias"):
-                    record["logit_bias"] = state.loss_fn.logit_bias.item()
+                if unwrap_model(model).logit_bias is not None:
+                    record["logit_bias"] = unwrap_model(model).logit_bias.item()
                 bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.2e}", scale=f"{scale:.1f}")
                 log.info("epoch %d step %d/%d (%d in epoch) loss %.4f lr %.3e logit_scale %.2f %.1f samples/s "
                          "data %.3fs batch %.3fs", state.epoch, state.step, state.total_steps, step_in_epoch,
@@ -333,9 +314,8 @@ def evaluate_val(model: nn.Module, loss_fn_local: nn.Module, data, device: torch
     for batch in data.dataloader:
         images, texts = _to_device(batch, device, input_dtype)
         with autocast():
-            img, txt, scale = encode(model, images, texts)
-            bias = getattr(loss_fn_local, "logit_bias", None)
-            loss = loss_fn_local(img, txt, scale) if bias is None else loss_fn_local(img, txt, scale, bias)
+            img, txt, *scalars = encode(model, images, texts)
+            loss = loss_fn_local(img, txt, *scalars)
         losses.append(loss.float().item())
         imgs.append(img.float().cpu())
         txts.append(txt.float().cpu())
