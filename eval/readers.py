@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,7 +61,7 @@ class DatasetNotFoundError(FileNotFoundError):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Zero-shot prompts. ImageNet's are open_clip's copies of OpenAI's; the others are the per-dataset prompts of
-# the CLIP paper (Radford et al. 2021, "prompts.md" of the CLIP repository), written out here.
+# the CLIP paper (Radford et al. 2021, "prompts.md" of the CLIP repository) as CLIP_benchmark's data files hold them.
 # ---------------------------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=1)
@@ -70,35 +71,23 @@ def imagenet_templates() -> list[str]:
     return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
 
 
-GENERIC_TEMPLATES = ["a photo of a {}.", "a photo of the {}.", "a bad photo of a {}.", "a good photo of a {}.",
-                     "a photo of a small {}.", "a photo of a big {}.", "itap of a {}."]
-_CIFAR_TEMPLATES = [f"{p} {{}}." for art in ("a", "the") for p in (
-    f"a photo of {art}", f"a blurry photo of {art}", f"a black and white photo of {art}",
-    f"a low contrast photo of {art}", f"a high contrast photo of {art}", f"a bad photo of {art}",
-    f"a good photo of {art}")] + ["a photo of a small {}.", "a photo of a big {}.", "a photo of the small {}.",
-                                  "a photo of the big {}."]
-_CALTECH_TEMPLATES = [t.format(art=art) for art in ("a", "the") for t in (
-    "a photo of {art} {{}}.", "a painting of {art} {{}}.", "a sculpture of {art} {{}}.", "a sketch of {art} {{}}.",
-    "a tattoo of {art} {{}}.", "a rendition of {art} {{}}.", "art of {art} {{}}.", "graffiti of {art} {{}}.",
-    "a drawing of {art} {{}}.", "a doodle of {art} {{}}.")] + [
-    "a plastic {}.", "a toy {}.", "a embroidered {}.", "a cartoon {}.", "a {} in a video game.", "a plushie {}.",
-    "a origami {}.", "the plastic {}.", "the toy {}.", "the embroidered {}.", "the cartoon {}.",
-    "the {} in a video game.", "the plushie {}.", "the origami {}."]
-_DTD_TEMPLATES = [f"a photo of {art} {{}} {kind}." for art in ("a", "the")
-                  for kind in ("texture", "pattern", "thing", "object")]
-_FASHION_TEMPLATES = ["a photo of a {}.", "a black and white photo of a {}.", "a low resolution photo of a {}.",
-                      "a photo of a {}, a type of clothing.", "a photo of the {}, a type of clothing."]
-EMOJI_TEMPLATES = ["an emoji of {}.", "a {} emoji.", "an emoji from the category {}."]
-TEMPLATES: dict[str, list[str]] = {
-    "cifar10": _CIFAR_TEMPLATES, "cifar100": _CIFAR_TEMPLATES, "stl10": ["a photo of a {}.", "a photo of the {}."],
-    "mnist": ['a photo of the number: "{}".'], "fashion-mnist": _FASHION_TEMPLATES,
-    "pets": ["a photo of a {}, a type of pet."], "flowers102": ["a photo of a {}, a type of flower."],
-    "food101": ["a photo of {}, a type of food."], "dtd": _DTD_TEMPLATES, "caltech101": _CALTECH_TEMPLATES,
-    "sun397": ["a photo of a {}.", "a photo of the {}."],
-    "fgvc-aircraft": ["a photo of a {}, a type of aircraft.", "a photo of the {}, a type of aircraft."],
-}
-FASHION_MNIST_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
-                         "ankle boot"]
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+
+
+def _prompt_file(name: str) -> dict[str, list[str]]:
+    with open(PROMPTS_DIR / name, encoding="utf-8") as f:
+        return json.load(f)
+
+
+#: dataset -> prompt templates with CLIP_benchmark's ``{c}`` placeholder, from ``eval/prompts/`` (CLIP_benchmark's
+#: ``en_zeroshot_classification_templates.json`` format and, for the datasets it has, its lists in its order);
+#: ``generic`` for folders without templates, ``emoji`` for the emoji sets.
+TEMPLATES: dict[str, list[str]] = _prompt_file("en_zeroshot_classification_templates.json")
+GENERIC_TEMPLATES = TEMPLATES["generic"]
+EMOJI_TEMPLATES = TEMPLATES["emoji"]
+#: dataset -> class names where the files of the dataset have none (CLIP_benchmark's ``en_classnames.json`` format)
+CLASSNAMES: dict[str, list[str]] = _prompt_file("en_classnames.json")
+FASHION_MNIST_CLASSES = CLASSNAMES["fashion-mnist"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -328,3 +328,24 @@ def test_clip_benchmarks_own_templates_file_with_c_placeholder(tmp_path):
         save(digit(0), tmp_path / name / "a" / "0.png")
         save(digit(1), tmp_path / name / "b" / "1.png")
     assert {build_dataset("folder", tmp_path / n).name for n in ("cats", "dogs")} == {"folder/cats", "folder/dogs"}
+
+
+def test_prompt_files_are_clip_benchmarks():
+    """eval/prompts/ holds the templates in CLIP_benchmark's file format; for every dataset CLIP_benchmark also has,
+    the list is CLIP_benchmark's own (same prompts, same order), read from the installed CLIP_benchmark."""
+    import importlib.resources
+    import json
+
+    from diffclip.eval import readers
+
+    theirs = json.loads(importlib.resources.files("clip_benchmark.datasets")
+                        .joinpath("en_zeroshot_classification_templates.json").read_text())
+    key = {"flowers102": "flowers", "fgvc-aircraft": "fgvc_aircraft"}
+    shared = [name for name in readers.TEMPLATES if key.get(name, name) in theirs]
+    assert len(shared) >= 11
+    for name in shared:
+        assert readers.TEMPLATES[name] == theirs[key.get(name, name)], name
+    for name in ("cifar10", "pets", "dtd", "fashion-mnist", "generic", "emoji"):
+        ds_templates = readers.TEMPLATES[name]
+        assert all(t.count("{c}") == 1 for t in ds_templates), name
+    assert readers.FASHION_MNIST_CLASSES[0] == "t-shirt/top" and len(readers.FASHION_MNIST_CLASSES) == 10
