@@ -275,3 +275,25 @@ def test_bad_arguments_fail_with_clear_errors(shards):
         _loader(_urls(shards, 2), world_size=2, workers=2, num_samples=12)
     with pytest.raises(ValueError, match="skip_batches"):
         _loader(_urls(shards), skip_batches=6)
+
+
+@pytest.mark.parametrize("damage", ["undecodable", "unreadable"])
+@pytest.mark.parametrize("resampled", [False, True], ids=["passes", "resampled"])
+def test_a_training_set_with_nothing_usable_fails_instead_of_hanging(tmp_path, damage, resampled):
+    """A training source never ends: shards whose every image is undecodable, or whose every tar is unreadable,
+    end in one clear error after a round of shards (a pass, or 10 x shards + 100 resampled draws) - not a hang."""
+    folder = tmp_path / damage
+    folder.mkdir()
+    if damage == "undecodable":
+        with wds.ShardWriter(str(folder / "%05d.tar"), maxcount=3, verbose=0, encoder=False) as sw:
+            for i in range(12):
+                sw.write({"__key__": f"{i:06d}", "jpg": b"\xff\xd8 not a jpeg", "txt": b"a caption"})
+    else:
+        for i in range(4):
+            (folder / f"{i:05d}.tar").write_bytes(b"\x00garbage" * 100)
+    loader = _loader(_urls(folder, 4), workers=1, num_samples=12, resampled=resampled)
+    expected = "decodable image" if damage == "undecodable" else "readable sample"
+    with deadline(90), pytest.raises(Exception, match=f"no {expected} in "
+                                     + ("the last 140 shards drawn" if resampled else "a whole pass")):
+        list(loader.dataloader)
+    assert loader.stats.total > 0

@@ -30,6 +30,7 @@ stop early and leave DDP waiting. Shards that yield no usable sample at all rais
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import io
 import itertools
@@ -39,7 +40,7 @@ import math
 import multiprocessing
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import braceexpand
@@ -233,7 +234,8 @@ class _Sample(NamedTuple):
 
     key: str
     url: str
-    pass_index: int
+    pass_index: int  # the pass over the shards (sequential training); the shuffle restarts with each
+    round_index: int  # the stretch of shards within which some sample must be usable (see _starved)
     image: bytes
     caption: bytes
 
@@ -247,22 +249,6 @@ class _Role:
     batches_total: int  # batches of this role in the epoch (train)
 
 
-@dataclass
-class _Progress:
-    """Per-process bookkeeping shared by the stages of one iteration (the source, the check, the handlers)."""
-
-    url: str | None = None
-    shard_good: int = 0
-    shard_failed: bool = False
-    shard_keys: set = field(default_factory=set)
-    good_since_check: int = 0
-    pass_index: int = 0
-
-    def start_shard(self, url: str) -> None:
-        self.url, self.shard_good, self.shard_failed = url, 0, False
-        self.shard_keys = set()
-
-
 class _Plan:
     """Everything the stages need, picklable (sent once to each worker process)."""
 
@@ -272,7 +258,6 @@ class _Plan:
         self.seed, self.batch_size, self.rank, self.world_size = seed, batch_size, rank, world_size
         self.num_workers, self.num_batches, self.shuffle_buffer = num_workers, num_batches, shuffle_buffer
         self.preprocess, self.tokenizer, self.stats, self.shared = preprocess, tokenizer, stats, shared
-        self.progress = _Progress()
 
     def role(self) -> _Role:
         epoch, skip = self.shared.get() if self.is_train else (0, 0)
@@ -286,116 +271,111 @@ class _Plan:
         total = self.num_batches // w + (1 if role < self.num_batches % w else 0)
         return _Role(epoch, self.rank, role, done, total)
 
-    def select_file(self, fname: str) -> bool:
-        """``select_files`` of wds.tarfile_to_samples: notes every extension of the shard (for the fail-fast
-        message) and reads the data of images and captions only."""
-        name = fname.rsplit("/", 1)[-1]
-        ext = name.split(".", 1)[1].lower() if "." in name else ""
-        self.progress.shard_keys.add(ext)
-        return ext in _WANTED
-
-    # exception handlers (return True: skip and go on)
-    def on_shard_error(self, exn: Exception) -> bool:
-        if not self.progress.shard_failed:
-            self.progress.shard_failed = True
-            self.stats.add("shards_failed")
-            log.warning("skipping the rest of shard %s: %s: %s", self.progress.url, type(exn).__name__,
-                        str(exn).split(" @ ")[0][:200])
-        return True
-
     def on_sample_error(self, exn: Exception, where: str) -> None:
         self.stats.add("samples_undecodable")
         log.warning("skipping %s: %s: %s", where, type(exn).__name__, str(exn)[:200])
 
 
-def _check_shard(progress: _Progress) -> None:
-    """Called by the shard source once a shard has been read: files but no usable sample is a dataset error."""
-    if progress.url is not None and progress.shard_keys and not progress.shard_good and not progress.shard_failed:
-        raise ValueError(f"no sample in shard {progress.url} has both an image ({'/'.join(IMAGE_EXTENSIONS)}) and "
-                         f"a caption ({CAPTION_EXTENSION}); keys found: {', '.join(sorted(progress.shard_keys))}")
-
-
 # --------------------------------------------------------------------------------------------------------- stages
-class _ShardSource(wds.SimpleShardList):
-    """Shard URLs for one worker: the list shuffled per epoch and pass (same order on every rank), then split
-    by rank and by worker role; repeated (reshuffled) until the batch budget is met when training."""
+# The flow: a source names the shards of this worker (``{"url", "pass_index", "round_index"}``), _ReadShards reads
+# each with webdataset's tar reader and yields the samples that have an image and a caption, _Shuffle, _Prepare
+# (decode, skip to the resume position, augment, tokenise), _Budget, batching. Each stage keeps its own state.
+# A training source never ends, so a dataset with nothing usable would hang: _ReadShards raises after a whole round
+# of shards (a pass, or 10 x shards + 100 resampled draws) without a sample, _Prepare after a round without a
+# decodable image.
 
-    def __init__(self, plan: _Plan):
-        super().__init__(plan.urls)
-        self.plan = plan
+def _patience(plan: _Plan) -> int:
+    """Resampled shard draws per round: a round without one usable sample is an error."""
+    return 10 * len(plan.urls) + 100
 
-    def __iter__(self):
-        plan, progress = self.plan, self.plan.progress
-        r = plan.role()
-        progress.__init__()
-        passes = 0
-        while True:
-            order = list(self.urls)
+
+def _starved(plan: _Plan, what: str, example: str) -> RuntimeError:
+    r = plan.role()
+    where = (f"the last {_patience(plan)} shards drawn by rank {plan.rank} worker {r.role}" if plan.resampled else
+             f"a whole pass over the shards of rank {plan.rank} worker {r.role}")
+    return RuntimeError(f"no {what} in {where} (e.g. {example}); see the warnings above")
+
+def _shard_source(plan: _Plan):
+    """Shard URLs for one worker: the list shuffled per epoch and pass (same order on every rank), then split by
+    rank and by worker role; repeated (reshuffled) while training, until the batch budget stops the stream."""
+    r = plan.role()
+    for passes in itertools.count():
+        order = list(plan.urls)
+        if plan.is_train:
+            random.Random(_seed(plan.seed, r.epoch, "shards", passes)).shuffle(order)
+        mine = order[plan.rank::plan.world_size][r.role::plan.num_workers]
+        if not mine:
             if plan.is_train:
-                random.Random(_seed(plan.seed, r.epoch, "shards", passes)).shuffle(order)
-            mine = order[plan.rank::plan.world_size][r.role::plan.num_workers]
-            if not mine:
-                if plan.is_train:
-                    raise ValueError(f"rank {plan.rank} worker {r.role} got no shard: {len(self.urls)} shard(s) for "
-                                     f"{plan.world_size} rank(s) x {plan.num_workers} worker(s)")
-                return
-            progress.good_since_check, progress.pass_index = 0, passes
-            for url in mine:
-                progress.start_shard(url)
-                yield dict(url=url)
-                _check_shard(progress)
-            if not plan.is_train:
-                return
-            if progress.good_since_check == 0:
-                raise RuntimeError(f"no readable sample in the {len(mine)} shard(s) of rank {plan.rank} worker "
-                                   f"{r.role} (e.g. {mine[0]}); see the warnings above")
-            passes += 1
+                raise ValueError(f"rank {plan.rank} worker {r.role} got no shard: {len(plan.urls)} shard(s) for "
+                                 f"{plan.world_size} rank(s) x {plan.num_workers} worker(s)")
+            return
+        for url in mine:
+            yield {"url": url, "pass_index": passes, "round_index": passes}
+        if not plan.is_train:
+            return
 
 
-class _ResampledSource(wds.ResampledShards):
+def _resampled_source(plan: _Plan):
     """Shard URLs drawn with replacement (weights: the upsampling factors), seeded by seed, epoch, rank, role."""
-
-    def __init__(self, plan: _Plan):
-        super().__init__(plan.urls, deterministic=True, seed=plan.seed)
-        self.plan = plan
-
-    def __iter__(self):
-        plan, progress = self.plan, self.plan.progress
-        r = plan.role()
-        progress.__init__()
-        rng = random.Random(_seed(plan.seed, r.epoch, "resampled", plan.rank, r.role))
-        patience = 10 * len(self.urls) + 100
-        misses = 0
-        while True:
-            url = rng.choices(self.urls, weights=plan.weights)[0]
-            progress.start_shard(url)
-            progress.good_since_check = 0
-            yield dict(url=url)
-            _check_shard(progress)
-            misses = 0 if progress.good_since_check else misses + 1
-            if misses >= patience:
-                raise RuntimeError(f"no readable sample in the last {misses} shards drawn by rank {plan.rank} "
-                                   f"worker {r.role}; see the warnings above")
+    r = plan.role()
+    rng = random.Random(_seed(plan.seed, r.epoch, "resampled", plan.rank, r.role))
+    for draw in itertools.count():
+        yield {"url": rng.choices(plan.urls, weights=plan.weights)[0], "pass_index": 0,
+               "round_index": draw // _patience(plan)}
 
 
-class _CheckSamples(wds.PipelineStage):
-    """Keeps samples with an image and a caption, as :class:`_Sample` records (key, URL, pass, the encoded image
-    and caption), counts the others, and records how many each shard had for the shard source's fail-fast check."""
+class _ReadShards(wds.PipelineStage):
+    """Reads each shard of the source (``wds.tarfile_to_samples``, image and caption files only) and yields the
+    samples with an image and a caption as :class:`_Sample` records (key, URL, pass, encoded image and caption).
+
+    Skipped and counted: samples without an image or a caption (``samples_incomplete``), the rest of a shard that
+    fails to read (``shards_failed``, logged). Errors: a shard that has files but no usable sample at all (a dataset
+    of another layout: the message lists the keys found); a whole round of shards without one usable sample
+    (training would never end)."""
 
     def __init__(self, plan: _Plan):
         self.plan = plan
 
     def run(self, src):
-        progress, stats = self.plan.progress, self.plan.stats
-        for sample in src:
+        round_index, found = 0, 0
+        for shard in src:
+            if shard["round_index"] != round_index:
+                if not found:
+                    raise _starved(self.plan, "readable sample", shard["url"])
+                round_index, found = shard["round_index"], 0
+            for sample in self._read(shard["url"], shard["pass_index"], round_index):
+                found += 1
+                yield sample
+
+    def _read(self, url: str, pass_index: int, round_index: int):
+        stats, keys, failed = self.plan.stats, set(), []
+
+        def select(fname: str) -> bool:  # note every extension (for the error message), read images and captions
+            name = fname.rsplit("/", 1)[-1]
+            ext = name.split(".", 1)[1].lower() if "." in name else ""
+            keys.add(ext)
+            return ext in _WANTED
+
+        def on_error(exn: Exception) -> bool:  # skip the rest of the shard, once
+            if not failed:
+                failed.append(exn)
+                stats.add("shards_failed")
+                log.warning("skipping the rest of shard %s: %s: %s", url, type(exn).__name__,
+                            str(exn).split(" @ ")[0][:200])
+            return True
+
+        good = 0
+        for sample in wds.tarfile_to_samples(handler=on_error, select_files=select)(iter([{"url": url}])):
             image_key = next((k for k in IMAGE_EXTENSIONS if k in sample), None)
             if image_key is None or CAPTION_EXTENSION not in sample:
                 stats.add("samples_incomplete")
                 continue
-            progress.shard_good += 1
-            progress.good_since_check += 1
-            yield _Sample(sample["__key__"], sample["__url__"], progress.pass_index, sample[image_key],
+            good += 1
+            yield _Sample(sample["__key__"], sample["__url__"], pass_index, round_index, sample[image_key],
                           sample[CAPTION_EXTENSION])
+        if keys and not good and not failed:
+            raise ValueError(f"no sample in shard {url} has both an image ({'/'.join(IMAGE_EXTENSIONS)}) and "
+                             f"a caption ({CAPTION_EXTENSION}); keys found: {', '.join(sorted(keys))}")
 
 
 class _Shuffle(wds.PipelineStage):
@@ -428,12 +408,18 @@ class _Prepare(wds.PipelineStage):
         to_skip = r.batches_done * plan.batch_size if plan.is_train else 0
         base = _seed(plan.seed, r.epoch, "augment", r.rank, r.role)
         position = -1
+        round_index, decoded = 0, 0  # the newest round seen (the shuffle may mix neighbouring ones)
         for sample in src:
+            if sample.round_index > round_index:
+                if not decoded:
+                    raise _starved(plan, "decodable image", f"{sample.key} in {sample.url}")
+                round_index, decoded = sample.round_index, 0
             try:
                 image = _decode_image(sample.image)
             except Exception as exn:
                 plan.on_sample_error(exn, f"{sample.key} in {sample.url}")
                 continue
+            decoded += 1
             position += 1
             if position < to_skip:
                 continue
@@ -598,9 +584,8 @@ def get_wds_loader(urls, preprocess, tokenizer, *, batch_size: int, num_samples:
                  num_batches=num_batches, shuffle_buffer=shuffle_buffer, preprocess=preprocess,
                  tokenizer=tokenizer, stats=stats, shared=shared)
     stages = [
-        _ResampledSource(plan) if resampled else _ShardSource(plan),
-        wds.tarfile_to_samples(handler=plan.on_shard_error, select_files=plan.select_file),
-        _CheckSamples(plan),
+        functools.partial(_resampled_source if resampled else _shard_source, plan),
+        _ReadShards(plan),
     ]
     if is_train:
         stages.append(_Shuffle(plan, initial=max(1, shuffle_buffer // 4)))
