@@ -13,26 +13,24 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import attention_layer
 
-__all__ = ["QuickGELU", "ResidualAttentionBlock", "Transformer", "act_layer"]
+__all__ = ["ResidualAttentionBlock", "Transformer", "act_layer"]
 
-
-class QuickGELU(nn.Module):
-    """x * sigmoid(1.702 x), the activation of OpenAI CLIP's towers (and the DiffCLIP text tower)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
+_ACTS = ("gelu", "quick_gelu")
 
 
 def act_layer(name: str) -> type[nn.Module]:
-    """Maps a config's activation name ("gelu": exact GELU, "quick_gelu") to its module class.
+    """A config's activation name to timm's module class (``timm.layers.get_act_layer``): "gelu" (exact GELU) or
+    "quick_gelu" (``x * sigmoid(1.702 x)``, OpenAI CLIP's towers and the DiffCLIP text tower). No parameters, so
+    the state dict is the same whichever class computes it.
 
     Raises:
         ValueError: for any other name.
     """
-    acts = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
-    if name not in acts:
-        raise ValueError(f"act must be one of {sorted(acts)}, got {name!r}")
-    return acts[name]
+    from timm.layers import get_act_layer
+
+    if name not in _ACTS:
+        raise ValueError(f"act must be one of {list(_ACTS)}, got {name!r}")
+    return get_act_layer(name)
 
 
 class ResidualAttentionBlock(nn.Module):

@@ -197,3 +197,19 @@ def test_image_transforms_are_clips(photo):
     train = diffclip.image_transform(cfg, 64, True)
     crop = next(t for t in train.transforms if isinstance(t, T.RandomResizedCrop))
     assert crop.scale == (0.5, 1.0) and train(photo).shape == (3, 64, 64)
+
+
+def test_activations_are_timms():
+    """The towers' activations come from timm's get_act_layer; quick_gelu is OpenAI CLIP's x * sigmoid(1.702 x)."""
+    import timm.layers
+
+    from diffclip.text import act_layer
+
+    x = torch.linspace(-6, 6, 1001)
+    assert act_layer("quick_gelu") is timm.layers.get_act_layer("quick_gelu")
+    assert torch.allclose(act_layer("quick_gelu")()(x), x * torch.sigmoid(1.702 * x), atol=0, rtol=0)
+    assert torch.equal(act_layer("gelu")()(x), torch.nn.functional.gelu(x))
+    model = create_model("DiffCLIP-Tiny-64")
+    assert type(model.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    with pytest.raises(ValueError, match="act must be one of"):
+        act_layer("relu")
