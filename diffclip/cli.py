@@ -77,40 +77,24 @@ def _number(text: str, kind):
     return value
 
 
-def positive_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
+def _bounded(kind, ok: Callable[[float], bool], expected: str, name: str, doc: str = ""):
+    """An argparse ``type``: ``text`` as ``kind`` (int or a finite float) for which ``ok`` holds."""
+    def parse(text: str):
+        value = _number(text, kind)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+    parse.__name__ = parse.__qualname__ = name
+    parse.__doc__ = doc or f"argparse type: {expected}."
+    return parse
 
 
-def nonneg_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _number(text, float)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
-
-
-def nonneg_float(text: str) -> float:
-    value = _number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
-
-
-def unit_interval(text: str) -> float:
-    """A number in [0, 1) (Adam's betas, dropout rates)."""
-    value = _number(text, float)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
-    return value
+positive_int = _bounded(int, lambda v: v >= 1, "an integer >= 1", "positive_int")
+nonneg_int = _bounded(int, lambda v: v >= 0, "an integer >= 0", "nonneg_int")
+positive_float = _bounded(float, lambda v: v > 0, "a number > 0", "positive_float")
+nonneg_float = _bounded(float, lambda v: v >= 0, "a number >= 0", "nonneg_float")
+unit_interval = _bounded(float, lambda v: 0 <= v < 1, "a number in [0, 1)", "unit_interval",
+                         "A number in [0, 1) (Adam's betas, dropout rates).")
 
 
 # ---- logging ----
