@@ -71,16 +71,31 @@ def download(repo_id: str, filename: str) -> str:
         FileNotFoundError: the repo or file does not exist on the hub.
         ConnectionError: the hub cannot be reached and there is no cached copy.
     """
+    where = dict(endpoint=os.environ.get("HF_ENDPOINT"), cache_dir=os.environ.get("HF_HUB_CACHE"))
+    unreachable = (f"cannot reach the hub ({os.environ.get('HF_ENDPOINT', 'huggingface.co')}) and there is no cached "
+                   f"copy of {repo_id}/{filename}")
     try:
-        return hf_hub_download(repo_id, filename, endpoint=os.environ.get("HF_ENDPOINT"),
-                               cache_dir=os.environ.get("HF_HUB_CACHE"))
+        return hf_hub_download(repo_id, filename, **where)
     except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError: test it first)
-        raise ConnectionError(f"cannot reach the hub ({os.environ.get('HF_ENDPOINT', 'huggingface.co')}) and there is "
-                              f"no cached copy of {repo_id}/{filename}") from None
+        raise ConnectionError(unreachable) from None
     except (EntryNotFoundError, RepositoryNotFoundError) as e:
         raise FileNotFoundError(f"hub repo {repo_id!r} has no file {filename!r} ({type(e).__name__})") from None
     except HfHubHTTPError as e:
         raise ConnectionError(f"hub error for {repo_id}/{filename}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # a transport error huggingface_hub lets through (a reset connection, a broken proxy)
+        if not _is_network_error(e):
+            raise
+        try:  # what huggingface_hub does for a refused connection: the cached copy, if any
+            return hf_hub_download(repo_id, filename, local_files_only=True, **where)
+        except LocalEntryNotFoundError:
+            raise ConnectionError(f"{unreachable} ({type(e).__name__}: {one_line(e)})") from None
+
+
+def _is_network_error(e: Exception) -> bool:
+    """An OSError or an error of the HTTP stack under huggingface_hub (requests/urllib3 for 0.x, httpx for 1.x,
+    httpx2 for 2.x)."""
+    return isinstance(e, OSError) or type(e).__module__.split(".")[0] in (
+        "requests", "urllib3", "httpx", "httpx2", "httpcore", "h11")
 
 
 def _download_hub_weights(spec: str) -> str:

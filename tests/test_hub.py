@@ -1,13 +1,16 @@
 import argparse
+import os
 import pathlib
 import pickle
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import open_clip
 import pytest
 import torch
-from hf_server import HubServer
+from hf_server import HubServer, ResettingServer
 
 import diffclip
 from diffclip import DiffCLIP, create_model, get_tokenizer
@@ -56,10 +59,21 @@ def test_hf_hub_download_through_a_loopback_server(tiny, tmp_path, monkeypatch):
             create_model("DiffCLIP-Tiny-64", pretrained="hf-hub:acme/missing-repo")
     # server gone: the cached copy is used
     _same(ref, _outputs(create_model("hf-hub:acme/diffclip-tiny"), "DiffCLIP-Tiny-64"))
-    # server gone and an empty cache: a clear error
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    with pytest.raises(ConnectionError, match="cannot reach the hub .* no cached copy of acme/diffclip-tiny/config.json"):
-        create_model("hf-hub:acme/diffclip-tiny")
+    # a connection that is reset (a broken proxy): the cached copy is used; with an empty cache, one clear error
+    with ResettingServer() as broken:
+        monkeypatch.setenv("HF_ENDPOINT", broken.url)
+        _same(ref, _outputs(create_model("hf-hub:acme/diffclip-tiny"), "DiffCLIP-Tiny-64"))
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+        with pytest.raises(ConnectionError, match="cannot reach the hub .* no cached copy of "
+                                                  "acme/diffclip-tiny/config.json .*Error: "):
+            create_model("hf-hub:acme/diffclip-tiny")
+        assert broken.connections >= 2
+    # no network allowed (HF_HUB_OFFLINE, read when huggingface_hub is imported: a fresh process) and no cached copy
+    r = subprocess.run([sys.executable, "-c", "import diffclip; diffclip.create_model('hf-hub:acme/diffclip-tiny')"],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-cache")})
+    assert r.returncode != 0
+    assert "ConnectionError: cannot reach the hub" in r.stderr and "no cached copy of acme/diffclip-tiny" in r.stderr
 
 
 def _authors_checkpoint(model, path):
