@@ -89,7 +89,7 @@ def test_study_killed_and_rerun_finishes_without_redoing(study_file):
     assert status["shards/digits"] == "done" and status["CLIP-Tiny-64-seed0"] == "done"
     assert status["DiffCLIP-Tiny-64-seed1"] == "new"
 
-    p = _driver(study_file)
+    p = _driver(study_file, "--jobs", "2")  # the rest, two at a time
     stdout, stderr = p.communicate(timeout=600)
     assert p.returncode == 0, stderr[-3000:]
     assert first_final.stat().st_mtime_ns == mtime  # not retrained
