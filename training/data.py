@@ -295,6 +295,7 @@ def _starved(plan: _Plan, what: str, example: str) -> RuntimeError:
              f"a whole pass over the shards of rank {plan.rank} worker {r.role}")
     return RuntimeError(f"no {what} in {where} (e.g. {example}); see the warnings above")
 
+
 def _shard_source(plan: _Plan):
     """Shard URLs for one worker: the list shuffled per epoch and pass (same order on every rank), then split by
     rank and by worker role; repeated (reshuffled) while training, until the batch budget stops the stream."""
