@@ -137,3 +137,29 @@ def test_visualize_query_cli(photo, tmp_path):
     rec = json.loads(out.with_suffix(".json").read_text())
     assert set(rec["models"]) == {"DiffCLIP-Tiny-64", "CLIP-Tiny-64"} and rec["queries"] == ["a person", "a flag"]
     assert out.stat().st_size > 10_000
+
+
+def test_relevance_pairs_script(tmp_path):
+    """scripts/relevance_pairs.py over a study's runs folder: every run, both orders, both queries counted; a
+    folder without runs is one line."""
+    import json
+    import subprocess
+    import sys
+
+    from eval_helpers import write_emoji_set
+
+    emoji = write_emoji_set(tmp_path)
+    diffclip.create_model("CLIP-Tiny-64").save_pretrained(tmp_path / "runs" / "CLIP-Tiny-64-seed0" / "final_model")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "relevance_pairs.py"
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "runs"), str(emoji), "--pairs", "dog:cat",
+                        "golf:coffee", "--output", str(tmp_path / "rel.json")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "rel.json").read_text())
+    m = out["models"]["CLIP-Tiny-64"]
+    assert out["runs"] == ["CLIP-Tiny-64-seed0"] and m["cases"] == 8 and 0 <= m["wins"] <= 8
+    assert m["mean_mass_query"] + m["mean_mass_other"] == pytest.approx(1.0, abs=1e-5)
+    r = subprocess.run([sys.executable, str(script), str(tmp_path), str(emoji)], capture_output=True, text=True,
+                       timeout=120)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 1 and len(lines) == 1 and "no <model>-seed<k>/final_model" in lines[0], r.stderr
