@@ -142,7 +142,6 @@ def test_visualize_query_cli(photo, tmp_path):
 def test_relevance_pairs_script(tmp_path):
     """scripts/relevance_pairs.py over a study's runs folder: every run, both orders, both queries counted; a
     folder without runs is one line."""
-    import json
     import subprocess
     import sys
 
