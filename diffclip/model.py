@@ -4,7 +4,8 @@
 Parameter names follow the DiffCLIP release state dict exactly (reference layout, 517 tensors for
 ``DiffCLIP-ViT-B-16``): ``visual.*`` (timm ViT), ``transformer.resblocks.*``, ``token_embedding``,
 ``positional_embedding``, ``ln_final``, ``image_projection``, ``text_projection``, ``logit_scale`` (and
-``logit_bias`` only in a model built for SigLIP training). The same class with ``attn_type="standard"`` in a tower is the CLIP baseline.
+``logit_bias`` only in a model built for SigLIP training). The same class with ``attn_type="standard"`` in a tower
+is the CLIP baseline.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import diffclip
 from diffclip.cli import UsageError, run
-from diffclip.files import write_json
+from diffclip.files import check_writable, write_json
 
 PAIRS = [("tomato", "rocket"), ("cat", "car"), ("dog", "pizza"), ("penguin", "bus"), ("apple", "airplane"),
          ("banana", "umbrella")]
@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     pairs = [tuple(x.split(":", 1)) for x in args.pairs]
     if any(len(x) != 2 or not all(x) for x in pairs):
         raise UsageError(f"--pairs: expected a:b, got {' '.join(args.pairs)}")
+    if args.output:
+        check_writable(args.output, "--output")
     runs = sorted(r for r in args.runs.glob("*-seed*") if (r / "final_model").is_dir())
     if not runs:
         raise UsageError(f"no <model>-seed<k>/final_model under {args.runs}")
@@ -80,14 +82,14 @@ def main(argv: list[str] | None = None) -> int:
                     mine = rel[:, own].sum().item()
                     cases.setdefault(name, []).append((mine, rel.sum().item() - mine))
     summary = {}
-    for name, pairs in cases.items():
-        wins = sum(o > t for o, t in pairs)
-        summary[name] = {"wins": wins, "cases": len(pairs), "share": wins / len(pairs),
-                         "p_value": binomtest(wins, len(pairs), 0.5, alternative="greater").pvalue,
-                         "mean_mass_query": float(np.mean([o for o, _ in pairs])),
-                         "mean_mass_other": float(np.mean([t for _, t in pairs]))}
+    for name, masses in cases.items():
+        wins = sum(o > t for o, t in masses)
+        summary[name] = {"wins": wins, "cases": len(masses), "share": wins / len(masses),
+                         "p_value": binomtest(wins, len(masses), 0.5, alternative="greater").pvalue,
+                         "mean_mass_query": float(np.mean([o for o, _ in masses])),
+                         "mean_mass_other": float(np.mean([t for _, t in masses]))}
         s = summary[name]
-        print(f"{name}: query's half wins {wins}/{len(pairs)} ({100 * s['share']:.0f} %, binomial p = "
+        print(f"{name}: query's half wins {wins}/{len(masses)} ({100 * s['share']:.0f} %, binomial p = "
               f"{s['p_value']:.2g}); mean relevance {s['mean_mass_query']:.2f} vs {s['mean_mass_other']:.2f}")
     if args.output:
         write_json(args.output, {"pairs": pairs, "runs": [r.name for r in runs], "models": summary})

@@ -157,6 +157,7 @@ def test_relevance_pairs_script(tmp_path):
     out = json.loads((tmp_path / "rel.json").read_text())
     m = out["models"]["CLIP-Tiny-64"]
     assert out["runs"] == ["CLIP-Tiny-64-seed0"] and m["cases"] == 8 and 0 <= m["wins"] <= 8
+    assert out["pairs"] == [["dog", "cat"], ["golf", "coffee"]]
     assert m["mean_mass_query"] + m["mean_mass_other"] == pytest.approx(1.0, abs=1e-5)
     r = subprocess.run([sys.executable, str(script), str(tmp_path), str(emoji)], capture_output=True, text=True,
                        timeout=120)

@@ -338,15 +338,16 @@ class _ReadShards(wds.PipelineStage):
         self.plan = plan
 
     def run(self, src):
-        round_index, found = 0, 0
+        round_index, found, last_url = 0, 0, None
         for shard in src:
             if shard["round_index"] != round_index:
                 if not found:
-                    raise _starved(self.plan, "readable sample", shard["url"])
+                    raise _starved(self.plan, "readable sample", last_url)
                 round_index, found = shard["round_index"], 0
             for sample in self._read(shard["url"], shard["pass_index"], round_index):
                 found += 1
                 yield sample
+            last_url = shard["url"]
 
     def _read(self, url: str, pass_index: int, round_index: int):
         stats, keys, failed = self.plan.stats, set(), []
@@ -410,15 +411,18 @@ class _Prepare(wds.PipelineStage):
         base = _seed(plan.seed, r.epoch, "augment", r.rank, r.role)
         position = -1
         round_index, decoded = 0, 0  # the newest round seen (the shuffle may mix neighbouring ones)
+        last_failed = None
         for sample in src:
+            where = f"{sample.key} in {sample.url}"
             if sample.round_index > round_index:
                 if not decoded:
-                    raise _starved(plan, "decodable image", f"{sample.key} in {sample.url}")
+                    raise _starved(plan, "decodable image", last_failed)
                 round_index, decoded = sample.round_index, 0
             try:
                 image = _decode_image(sample.image)
             except Exception as exn:
-                plan.on_sample_error(exn, f"{sample.key} in {sample.url}")
+                plan.on_sample_error(exn, where)
+                last_failed = where
                 continue
             decoded += 1
             position += 1
@@ -432,7 +436,7 @@ class _Prepare(wds.PipelineStage):
                 image = plan.preprocess(image)
                 tokens = plan.tokenizer([sample.caption.decode("utf-8").strip()])[0]
             except Exception as exn:
-                plan.on_sample_error(exn, f"{sample.key} in {sample.url}")
+                plan.on_sample_error(exn, where)
                 continue
             yield image, tokens
 

@@ -275,13 +275,14 @@ def train_one_epoch(state: TrainState, data, start_batch: int = 0,
             loss_mean = all_reduce_mean(loss.float(), info).item()
             if info.is_master:
                 elapsed = t_last - t_log
-                scale = unwrap_model(model).logit_scale.exp().item()
+                plain = unwrap_model(model)
+                scale = plain.logit_scale.exp().item()
                 record = {"epoch_progress": step_in_epoch / n_steps, "loss": loss_mean, "lr": lr,
                           "logit_scale": scale, "samples_per_second": n_timed * global_batch / max(elapsed, 1e-9),
                           "samples_per_second_per_process": n_timed * global_batch / info.world_size
                           / max(elapsed, 1e-9), "data_time": data_time / n_timed, "batch_time": batch_time / n_timed}
-                if unwrap_model(model).logit_bias is not None:
-                    record["logit_bias"] = unwrap_model(model).logit_bias.item()
+                if plain.logit_bias is not None:
+                    record["logit_bias"] = plain.logit_bias.item()
                 bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.2e}", scale=f"{scale:.1f}")
                 log.info("epoch %d step %d/%d (%d in epoch) loss %.4f lr %.3e logit_scale %.2f %.1f samples/s "
                          "data %.3fs batch %.3fs", state.epoch, state.step, state.total_steps, step_in_epoch,
