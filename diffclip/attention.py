@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffclip.errors import InputError
+
 __all__ = ["DiffAttention", "Attention", "lambda_init_schedule", "ATTENTION_TYPES", "attention_layer", "DIFF_PATHS",
            "STANDARD_PATHS"]
 
@@ -58,7 +60,7 @@ def lambda_init_schedule(layer_index: int) -> float:
         ValueError: if ``layer_index`` is negative.
     """
     if layer_index < 0:
-        raise ValueError(f"layer_index must be >= 0, got {layer_index}")
+        raise InputError(f"layer_index must be >= 0, got {layer_index}")
     return 0.8 - 0.6 * math.exp(-0.3 * layer_index)
 
 
@@ -80,7 +82,7 @@ def _additive_mask(attn_mask: torch.Tensor | None, is_causal: bool, n_q: int, n_
 
 def _check_mask(attn_mask: torch.Tensor | None, is_causal: bool) -> None:
     if attn_mask is not None and is_causal:
-        raise ValueError("pass either attn_mask or is_causal=True, not both")
+        raise InputError("pass either attn_mask or is_causal=True, not both")
 
 
 DIFF_PATHS = ("auto", "wide", "split", "exact")
@@ -89,7 +91,7 @@ STANDARD_PATHS = ("auto", "sdpa", "exact")
 
 def _check_path(path: str, allowed: tuple[str, ...]) -> str:
     if path not in allowed:
-        raise ValueError(f"path must be one of {', '.join(allowed)}, got {path!r}")
+        raise InputError(f"path must be one of {', '.join(allowed)}, got {path!r}")
     return path
 
 
@@ -97,9 +99,9 @@ def _check_timm_options(qk_norm: bool, scale_norm: bool, device, dtype) -> None:
     """timm's ``Block`` passes these to every attention layer; ours support only their defaults."""
     for name, value in (("qk_norm", qk_norm), ("scale_norm", scale_norm)):
         if value:
-            raise ValueError(f"{name}=True is not supported by diffclip's attention layers")
+            raise InputError(f"{name}=True is not supported by diffclip's attention layers")
     if device is not None or dtype is not None:
-        raise ValueError("diffclip's attention layers are built on the default device and dtype; move or cast the "
+        raise InputError("diffclip's attention layers are built on the default device and dtype; move or cast the "
                          "model afterwards (device/dtype given)")
 
 
@@ -154,17 +156,17 @@ class DiffAttention(nn.Module):
         super().__init__()
         _check_timm_options(qk_norm, scale_norm, device, dtype)
         if num_heads < 2 or num_heads % 2:
-            raise ValueError(f"differential attention needs an even num_heads (the baseline's head count, "
+            raise InputError(f"differential attention needs an even num_heads (the baseline's head count, "
                              f"halved internally), got num_heads={num_heads}")
         if dim % num_heads:
-            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+            raise InputError(f"dim={dim} is not divisible by num_heads={num_heads}")
         self.dim = dim
         self.num_heads = num_heads // 2  # differential heads
         self.head_dim = dim // num_heads  # query/key width d; values have 2d
         if lambda_init == "schedule":
             lambda_init = lambda_init_schedule(depth)
         elif isinstance(lambda_init, str):
-            raise ValueError(f"lambda_init must be a number or 'schedule', got {lambda_init!r}")
+            raise InputError(f"lambda_init must be a number or 'schedule', got {lambda_init!r}")
         self.lambda_init = float(lambda_init)
         self.path = _check_path(path, DIFF_PATHS)
         _add_projections(self, dim, qkv_bias, proj_bias, attn_drop, proj_drop)
@@ -241,7 +243,7 @@ class DiffAttention(nn.Module):
         if mode == "auto":
             mode = "exact" if x.device.type == "cpu" else "wide"
         if self.keep_maps and mode != "exact":
-            raise ValueError(f"keep_maps needs path='exact' (the only path that materialises the maps), got {mode!r}")
+            raise InputError(f"keep_maps needs path='exact' (the only path that materialises the maps), got {mode!r}")
         if mode != "exact":
             if attn_mask is not None and attn_mask.dim() == 4 and attn_mask.size(1) == h:
                 attn_mask = attn_mask.repeat_interleave(2, dim=1)
@@ -297,7 +299,7 @@ class Attention(nn.Module):
         super().__init__()
         _check_timm_options(qk_norm, scale_norm, device, dtype)
         if num_heads < 1 or dim % num_heads:
-            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+            raise InputError(f"dim={dim} is not divisible by num_heads={num_heads}")
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -314,7 +316,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, N, h, d).transpose(1, 2)
         mode = _check_path(self.path, STANDARD_PATHS)
         if self.keep_maps and mode != "exact":
-            raise ValueError(f"keep_maps needs path='exact' (the only path that materialises the maps), got {mode!r}")
+            raise InputError(f"keep_maps needs path='exact' (the only path that materialises the maps), got {mode!r}")
         if mode != "exact":
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                                dropout_p=self.attn_drop.p if self.training else 0.0)
@@ -343,4 +345,4 @@ def attention_layer(attn_type: str) -> type[nn.Module]:
     try:
         return ATTENTION_TYPES[attn_type]
     except KeyError:
-        raise ValueError(f"attn_type must be one of {sorted(ATTENTION_TYPES)}, got {attn_type!r}") from None
+        raise InputError(f"attn_type must be one of {sorted(ATTENTION_TYPES)}, got {attn_type!r}") from None

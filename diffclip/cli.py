@@ -1,7 +1,7 @@
 """What every diffclip program shares on the command line: the one way to report bad input and exit, argument
 types that name what they expect, and logging that does not break progress bars.
 
-Convention: a program raises :class:`UsageError` (or one of :data:`USER_ERRORS`) for bad input, with a one-line
+Convention: a program raises :class:`UsageError` (or another of :data:`USER_ERRORS`) for bad input, with a one-line
 message naming the input and what was expected; :func:`run` prints ``prog: error: message`` on stderr and exits
 with status 1 (argument-parsing errors: status 2, as argparse). ``DIFFCLIP_DEBUG=1`` shows the traceback instead.
 """
@@ -17,23 +17,20 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import DiffclipError, one_line
 
-class UsageError(Exception):
-    """Bad input found by a program: reported as one line, exit status 1."""
-
-
-#: errors that end a program with one line instead of a traceback
-USER_ERRORS = (UsageError, OSError, ValueError, RuntimeError, pickle.UnpicklingError, KeyError, EOFError)
+__all__ = ["UsageError", "USER_ERRORS", "one_line", "ArgumentParser", "run", "positive_int", "nonneg_int",
+           "positive_float", "nonneg_float", "unit_interval", "setup_logging"]
 
 
-def one_line(e: BaseException) -> str:
-    """The first non-empty line of ``e``'s message (its type name when there is none)."""
-    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    msg = lines[0] if lines else type(e).__name__
-    if msg.startswith("Caught ") and "Original Traceback" in text:  # re-raised from a DataLoader worker
-        msg = lines[-1].split(": ", 1)[-1]
-    return f"missing key {msg}" if isinstance(e, KeyError) else msg
+class UsageError(DiffclipError):
+    """Bad input found by a program (a flag, a combination of flags): reported as one line, exit status 1."""
+
+
+#: errors that end a program with one line instead of a traceback: diffclip's error family (bad input and
+#: conditions the user must act on), the operating system's (a missing file, a full disk, a refused connection)
+#: and a refused unpickling. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (DiffclipError, OSError, pickle.UnpicklingError)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -11,6 +11,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from torchvision import transforms as T
 
 from . import hub
+from .errors import InputError
 from .model import DiffCLIP
 
 __all__ = ["list_models", "get_model_config", "create_model", "create_model_and_transforms", "get_tokenizer",
@@ -34,7 +35,7 @@ def get_model_config(name: str) -> dict:
     if name.startswith(hub.HF_HUB_PREFIX):
         return json.loads(Path(hub.download(name[len(hub.HF_HUB_PREFIX):], "config.json")).read_text())
     if name not in _CONFIGS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+        raise InputError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     return copy.deepcopy(_CONFIGS[name])
 
 
@@ -63,7 +64,7 @@ def create_model(name: str, pretrained: str | None = None, device: str | torch.d
         the file.
     """
     if pretrained is not None and not str(pretrained).strip():
-        raise ValueError("pretrained='' names no weights: give a release tag, hf-hub:org/repo, a directory or a "
+        raise InputError("pretrained='' names no weights: give a release tag, hf-hub:org/repo, a directory or a "
                          "file, or None for random initialisation")
     if pretrained is None and name.startswith(hub.HF_HUB_PREFIX):
         pretrained = name

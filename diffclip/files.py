@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from diffclip.errors import InputError
+
 
 def _umask_mode() -> int:
     mask = os.umask(0)
@@ -27,7 +29,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
     ``with`` block it is flushed, fsynced and renamed over ``path``; on an exception it is removed and ``path`` is
     untouched. Parent folders are created. Raises OSError when the folder cannot be written."""
     if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
+        raise InputError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -76,7 +78,7 @@ def check_writable(path: str | os.PathLike, what: str) -> Path:
     existing parent folder writable. Returns the path; raises ValueError naming ``what`` (e.g. ``--output``)."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{what} {path}: is a folder; expected a file name")
+        raise InputError(f"{what} {path}: is a folder; expected a file name")
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -85,7 +87,7 @@ def check_writable(path: str | os.PathLike, what: str) -> Path:
             raise NotADirectoryError(parent)
         tempfile.TemporaryFile(dir=parent).close()
     except OSError:
-        raise ValueError(f"{what} {path}: folder {parent} is not writable") from None
+        raise InputError(f"{what} {path}: folder {parent} is not writable") from None
     return path
 
 

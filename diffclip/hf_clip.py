@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from diffclip.errors import InputError
+
 __all__ = ["is_hf_clip_state_dict", "hf_clip_to_open_clip", "check_hf_config"]
 
 _LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
@@ -79,13 +81,13 @@ def hf_clip_to_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
                 elif part[0] in _LAYER:
                     out[f"{prefix}{idx}.{_LAYER[part[0]]}.{part[1]}"] = v
                 else:
-                    raise ValueError(f"CLIPModel tensor {k!r} has no place in the open_clip layout")
+                    raise InputError(f"CLIPModel tensor {k!r} has no place in the open_clip layout")
                 break
         else:
-            raise ValueError(f"CLIPModel tensor {k!r} has no place in the open_clip layout")
+            raise InputError(f"CLIPModel tensor {k!r} has no place in the open_clip layout")
     for name, parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
-            raise ValueError(f"CLIPModel attention {name}: q, k and v projections expected, found {sorted(parts)}")
+            raise InputError(f"CLIPModel attention {name}: q, k and v projections expected, found {sorted(parts)}")
         out[name] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     return out
 
@@ -101,9 +103,9 @@ def check_hf_config(config_path: str | Path, model_config: dict, model_name: str
         theirs = cfg.get(tower) or {}
         act = theirs.get("hidden_act", "quick_gelu")
         if act != ours.get("act"):
-            raise ValueError(f"{config_path}: {tower}.hidden_act is {act!r} but {model_name} uses {ours.get('act')!r}"
+            raise InputError(f"{config_path}: {tower}.hidden_act is {act!r} but {model_name} uses {ours.get('act')!r}"
                              f"; pick the OpenCLIP config with that activation (e.g. -quickgelu)")
         heads = theirs.get("num_attention_heads")
         if heads is not None and heads != ours.get("heads"):
-            raise ValueError(f"{config_path}: {tower}.num_attention_heads is {heads} but {model_name} has "
+            raise InputError(f"{config_path}: {tower}.num_attention_heads is {heads} but {model_name} has "
                              f"{ours.get('heads')}")

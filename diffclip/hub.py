@@ -29,7 +29,7 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 from safetensors.torch import load_file
 
-from .cli import one_line
+from .errors import InputError, WeightsMismatchError, one_line
 from .hf_clip import check_hf_config, hf_clip_to_open_clip, is_hf_clip_state_dict
 
 __all__ = ["HF_HUB_PREFIX", "RELEASES", "CHECKPOINT_SAFE_GLOBALS", "download", "resolve_pretrained", "torch_load", "check_state_dict",
@@ -152,7 +152,7 @@ def torch_load(path: str | os.PathLike) -> Any:
     if not p.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     if p.stat().st_size == 0:
-        raise ValueError(f"{path}: empty file; expected a PyTorch checkpoint")
+        raise InputError(f"{path}: empty file; expected a PyTorch checkpoint")
     try:
         with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
             return torch.load(p, map_location="cpu", weights_only=True)
@@ -161,9 +161,9 @@ def torch_load(path: str | os.PathLike) -> Any:
         if detail:
             raise pickle.UnpicklingError(f"refusing to unpickle {path}: it needs a type outside the allow-list, "
                                          f"which could run code ({detail})") from None
-        raise ValueError(f"{path}: not a PyTorch checkpoint ({one_line(e)})") from None
+        raise InputError(f"{path}: not a PyTorch checkpoint ({one_line(e)})") from None
     except (EOFError, IndexError, KeyError, TypeError, AttributeError, RuntimeError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint, truncated or another format "
+        raise InputError(f"{path}: not a readable PyTorch checkpoint, truncated or another format "
                          f"({one_line(e)})") from None
 
 
@@ -188,7 +188,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         try:
             sd = load_file(path)
         except Exception as e:  # safetensors raises its own error type
-            raise ValueError(f"{path}: not a safetensors file ({one_line(e)})") from None
+            raise InputError(f"{path}: not a safetensors file ({one_line(e)})") from None
     else:
         obj = torch_load(path)
         sd = obj
@@ -198,7 +198,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
                     sd = obj[key]
                     break
     if not isinstance(sd, dict) or not any(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path}: holds no state dict of tensors; expected model weights or a checkpoint")
+        raise InputError(f"{path}: holds no state dict of tensors; expected model weights or a checkpoint")
     out = {}
     for k, v in sd.items():
         for prefix in ("module.", "_orig_mod."):
@@ -279,11 +279,11 @@ def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     if missing or unexpected:
-        raise RuntimeError(f"{source} does not match the model: {len(missing)} missing keys "
+        raise WeightsMismatchError(f"{source} does not match the model: {len(missing)} missing keys "
                            f"[{', '.join(missing)}], {len(unexpected)} unexpected keys [{', '.join(unexpected)}]")
     wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if sd[k].shape != own[k].shape]
     if wrong:
-        raise RuntimeError(f"{source} is for another architecture: shapes (checkpoint vs model) differ for "
+        raise WeightsMismatchError(f"{source} is for another architecture: shapes (checkpoint vs model) differ for "
                            f"{'; '.join(wrong)}")
 
 

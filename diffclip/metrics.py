@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from diffclip.errors import InputError
+
 __all__ = ["rank_of", "classification_metrics", "retrieval_metrics"]
 
 
@@ -46,12 +48,12 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[
     """
     logits, targets = torch.as_tensor(logits).float().cpu(), torch.as_tensor(targets).long().cpu()
     if logits.ndim != 2 or targets.ndim != 1 or logits.shape[0] != targets.shape[0]:
-        raise ValueError(f"expected logits (N, C) and targets (N,), got {tuple(logits.shape)} and {tuple(targets.shape)}")
+        raise InputError(f"expected logits (N, C) and targets (N,), got {tuple(logits.shape)} and {tuple(targets.shape)}")
     n, c = logits.shape
     if n == 0 or c == 0:
-        raise ValueError("classification_metrics needs at least one sample and one class")
+        raise InputError("classification_metrics needs at least one sample and one class")
     if targets.min() < 0 or targets.max() >= c:
-        raise ValueError(f"targets must lie in [0, {c}), got values in [{int(targets.min())}, {int(targets.max())}]")
+        raise InputError(f"targets must lie in [0, {c}), got values in [{int(targets.min())}, {int(targets.max())}]")
     ranks = rank_of(logits, targets)
     out = {"acc1": (ranks < 1).double().mean().item()}
     if c >= 5:
@@ -96,18 +98,18 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_i
     text_to_image = torch.as_tensor(text_to_image).long().to(text_emb.device)
     n_img, n_txt = image_emb.shape[0], text_emb.shape[0]
     if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
-        raise ValueError(f"expected (N_img, D) and (N_txt, D) embeddings, got {tuple(image_emb.shape)} and "
+        raise InputError(f"expected (N_img, D) and (N_txt, D) embeddings, got {tuple(image_emb.shape)} and "
                          f"{tuple(text_emb.shape)}")
     if text_to_image.shape != (n_txt,):
-        raise ValueError(f"text_to_image must have one entry per caption ({n_txt}), got {tuple(text_to_image.shape)}")
+        raise InputError(f"text_to_image must have one entry per caption ({n_txt}), got {tuple(text_to_image.shape)}")
     if n_img == 0 or n_txt == 0:
-        raise ValueError("retrieval_metrics needs at least one image and one caption")
+        raise InputError("retrieval_metrics needs at least one image and one caption")
     if text_to_image.min() < 0 or text_to_image.max() >= n_img:
-        raise ValueError(f"text_to_image values must lie in [0, {n_img})")
+        raise InputError(f"text_to_image values must lie in [0, {n_img})")
     n_captions = torch.bincount(text_to_image, minlength=n_img)
     if (n_captions == 0).any():
         missing = (n_captions == 0).nonzero().flatten()[:5].tolist()
-        raise ValueError(f"{int((n_captions == 0).sum())} images have no caption (e.g. indices {missing})")
+        raise InputError(f"{int((n_captions == 0).sum())} images have no caption (e.g. indices {missing})")
 
     # text -> image: one positive per query.
     img_ranks = []

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from .errors import InputError
 from .text import Transformer
 from .vision import vision_tower
 
@@ -123,7 +124,7 @@ class DiffCLIP(nn.Module, PyTorchModelHubMixin, library_name="diffclip", tags=["
             ValueError: if the sequence is longer than ``context_length``.
         """
         if text.shape[-1] > self.context_length:
-            raise ValueError(f"text has {text.shape[-1]} tokens, the model's context_length is {self.context_length}")
+            raise InputError(f"text has {text.shape[-1]} tokens, the model's context_length is {self.context_length}")
         n = text.shape[-1]
         x = self.token_embedding(text) + self.positional_embedding[:n]
         x = self.ln_final(self.transformer(x, is_causal=True))

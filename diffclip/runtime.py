@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from diffclip.errors import InputError
+
 PRECISIONS = ("fp32", "amp", "amp_bf16", "amp_fp16", "bf16", "fp16", "pure_bf16", "pure_fp16")
 PRECISION_HELP = ("fp32; amp (autocast: fp16 on CUDA, bf16 on CPU), amp_bf16, amp_fp16 (autocast in that dtype); "
                   "bf16/fp16 (low-precision weights, norms in fp32); pure_bf16/pure_fp16 (every weight cast) "
@@ -39,7 +41,7 @@ _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 
 def _check(precision: str) -> None:
     if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+        raise InputError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
 def autocast_dtype(precision: str, device_type: str = "cuda") -> torch.dtype | None:
@@ -102,14 +104,14 @@ def resolve_device(name: str | None = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps") from None
+        raise InputError(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine")
+            raise InputError(f"--device {name}: CUDA is not available on this machine")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError(f"--device {name}: MPS is not available on this machine")
+        raise InputError(f"--device {name}: MPS is not available on this machine")
     return device
 
 

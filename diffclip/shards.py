@@ -17,6 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from diffclip.errors import InputError
 from diffclip.files import write_json
 from diffclip.images import to_rgb
 from diffclip.sources import Record, SkipSample, record_caption
@@ -169,13 +170,13 @@ def write_shards(records: list[Record], output: str | os.PathLike, *, samples_pe
     from tqdm import tqdm
 
     if fmt not in IMAGE_FORMATS:
-        raise ValueError(f"unknown --format {fmt!r}; choose from {', '.join(IMAGE_FORMATS)}")
+        raise InputError(f"unknown --format {fmt!r}; choose from {', '.join(IMAGE_FORMATS)}")
     if resize_mode not in RESIZE_MODES:
-        raise ValueError(f"unknown --resize-mode {resize_mode!r}; choose from {', '.join(RESIZE_MODES)}")
+        raise InputError(f"unknown --resize-mode {resize_mode!r}; choose from {', '.join(RESIZE_MODES)}")
     if samples_per_shard < 1:
-        raise ValueError("--samples-per-shard must be at least 1")
+        raise InputError("--samples-per-shard must be at least 1")
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError("--val-fraction must be in [0, 1)")
+        raise InputError("--val-fraction must be in [0, 1)")
     out = Path(output)
     _clear_output(out, overwrite)
     records = list(records)
@@ -217,7 +218,7 @@ def write_shards(records: list[Record], output: str | os.PathLike, *, samples_pe
                            "resize_mode": resize_mode, "format": fmt, "seed": seed, "val_fraction": val_fraction,
                            "max_samples": max_samples}}
     if not any(s["samples"] for s in summary_splits.values()):
-        raise ValueError(f"no sample could be written from {len(records)} record(s); skipped: {dict(skipped)}")
+        raise InputError(f"no sample could be written from {len(records)} record(s); skipped: {dict(skipped)}")
     write_json(out / "make_shards.json", summary, indent=1)
     return summary
 

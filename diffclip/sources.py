@@ -17,6 +17,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from diffclip.errors import InputError
+
 __all__ = ["Record", "SourceNotInstalled", "SkipSample", "EMOJI_TEMPLATES", "CLIPART_TEMPLATES", "SKIN_TONES",
            "DEFAULT_INPUTS", "emoji_name", "emoji_caption", "read_csv_source", "read_emoji_source",
            "read_openclipart_source", "read_source", "record_caption"]
@@ -86,10 +88,10 @@ def read_csv_source(path: str | os.PathLike) -> list[Record]:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as exn:
-                    raise ValueError(f"{path}:{lineno}: not a JSON object ({exn.msg})") from None
+                    raise InputError(f"{path}:{lineno}: not a JSON object ({exn.msg})") from None
                 pcol, ccol = _pick_column(list(obj), _PATH_COLUMNS), _pick_column(list(obj), _CAPTION_COLUMNS)
                 if pcol is None or ccol is None:
-                    raise ValueError(f"{path}:{lineno}: needs a path and a caption key (e.g. filepath, caption); "
+                    raise InputError(f"{path}:{lineno}: needs a path and a caption key (e.g. filepath, caption); "
                                      f"keys found: {', '.join(obj)}")
                 rows.append((str(obj[pcol]), str(obj[ccol] or ""), {k: v for k, v in obj.items() if k not in (pcol, ccol)}))
     else:
@@ -97,7 +99,7 @@ def read_csv_source(path: str | os.PathLike) -> list[Record]:
         with open(path, encoding="utf-8", newline="") as f:
             table = [r for r in csv.reader(f, delimiter=delimiter) if r]
         if not table:
-            raise ValueError(f"{path}: no rows")
+            raise InputError(f"{path}: no rows")
         header = table[0]
         pcol, ccol = _pick_column(header, _PATH_COLUMNS), _pick_column(header, _CAPTION_COLUMNS)
         if pcol is not None and ccol is not None:
@@ -107,7 +109,7 @@ def read_csv_source(path: str | os.PathLike) -> list[Record]:
             pi, ci, body, extra = 0, 1, table, []
         for lineno, r in enumerate(body, 2 if body is not table else 1):
             if len(r) <= max(pi, ci):
-                raise ValueError(f"{path}:{lineno}: expected a path and a caption, got {len(r)} column(s)")
+                raise InputError(f"{path}:{lineno}: expected a path and a caption, got {len(r)} column(s)")
             rows.append((r[pi], r[ci], {name: r[i] for i, name in extra if i < len(r)}))
     records = []
     for i, (p, caption, extra) in enumerate(rows):
@@ -334,7 +336,7 @@ def read_source(source: str, input_path: str | None = None, caption_style: str =
         return read_emoji_source(path, caption_style)
     if source == "openclipart":
         return read_openclipart_source(input_path or DEFAULT_INPUTS["openclipart"])
-    raise ValueError(f"unknown source {source!r}")
+    raise InputError(f"unknown source {source!r}")
 
 
 def record_caption(rec: Record) -> tuple[str, dict]:

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import attention_layer
+from .errors import InputError
 
 __all__ = ["ResidualAttentionBlock", "Transformer", "act_layer"]
 
@@ -29,7 +30,7 @@ def act_layer(name: str) -> type[nn.Module]:
     from timm.layers import get_act_layer
 
     if name not in _ACTS:
-        raise ValueError(f"act must be one of {list(_ACTS)}, got {name!r}")
+        raise InputError(f"act must be one of {list(_ACTS)}, got {name!r}")
     return get_act_layer(name)
 
 

@@ -28,6 +28,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .attention import DiffAttention, attention_layer, lambda_init_schedule
+from .errors import InputError
 from .text import act_layer
 
 __all__ = ["vision_transformer", "vision_tower"]
@@ -103,7 +104,7 @@ def _register(prefix: str, attn_type: str, size: str, patch: int, img: int) -> N
 
     def create(pretrained: bool = False, **kwargs) -> VisionTransformer:
         if pretrained:
-            raise ValueError(f"{name}: no pretrained weights are registered; load a checkpoint with "
+            raise InputError(f"{name}: no pretrained weights are registered; load a checkpoint with "
                              "eval/finetune.py --init instead")
         args = dict(_SIZES[size], patch_size=patch, attn_type=attn_type)
         args.update(kwargs)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError
 from .metrics import classification_metrics
 
 __all__ = ["fill_template", "format_prompts", "build_zero_shot_classifier", "zero_shot_logits", "zero_shot_predict",
@@ -23,17 +24,17 @@ Template = str | Callable[[str], str]
 
 def _check_templates(templates: Sequence[Template]) -> None:
     if isinstance(templates, str):
-        raise ValueError("templates must be a list of strings or callables, not a single string")
+        raise InputError("templates must be a list of strings or callables, not a single string")
     if len(templates) == 0:
-        raise ValueError("the template list is empty")
+        raise InputError("the template list is empty")
     for t in templates:
         if isinstance(t, str):
             n = t.count("{}") + t.count("{c}")
             if n != 1:
-                raise ValueError(f"template {t!r} has {n} placeholders; expected exactly one, {{}} or {{c}} "
+                raise InputError(f"template {t!r} has {n} placeholders; expected exactly one, {{}} or {{c}} "
                                  "(CLIP_benchmark's), for the class name")
         elif not callable(t):
-            raise ValueError(f"a template must be a string with '{{}}' or a callable, got {type(t).__name__}")
+            raise InputError(f"a template must be a string with '{{}}' or a callable, got {type(t).__name__}")
 
 
 def fill_template(template: str, classname: str) -> str:
@@ -52,9 +53,9 @@ def format_prompts(classnames: Sequence[str], templates: Sequence[Template]) -> 
         placeholder.
     """
     if isinstance(classnames, str):
-        raise ValueError("classnames must be a list of strings, not a single string")
+        raise InputError("classnames must be a list of strings, not a single string")
     if len(classnames) == 0:
-        raise ValueError("the class list is empty: zero-shot classification needs at least one class name")
+        raise InputError("the class list is empty: zero-shot classification needs at least one class name")
     _check_templates(templates)
     out = []
     for c in classnames:
@@ -129,7 +130,7 @@ def zero_shot_predict(model, classifier: torch.Tensor, dataloader: Iterable, dev
                 logits.append(zero_shot_logits(model, classifier, images.to(device, non_blocking=True)).cpu())
             targets.append(torch.as_tensor(target).long())
     if not logits:
-        raise ValueError("the dataset is empty: no images to classify")
+        raise InputError("the dataset is empty: no images to classify")
     return torch.cat(logits), torch.cat(targets)
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from diffclip.cli import ArgumentParser, positive_int, run
+from diffclip.errors import InputError
 from diffclip.files import check_writable, save_figure, write_json
 
 __all__ = ["gram", "centre", "cka_from_grams", "linear_cka", "layer_grams", "cka_matrix", "plot_matrix", "main"]
@@ -48,7 +49,7 @@ def cka_from_grams(k: torch.Tensor, l: torch.Tensor) -> float:  # noqa: E741
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     """Linear CKA of two feature matrices (n, p) and (n, q) of the same n examples."""
     if x.size(0) != y.size(0):
-        raise ValueError(f"CKA needs the same examples in both: {x.size(0)} vs {y.size(0)}")
+        raise InputError(f"CKA needs the same examples in both: {x.size(0)} vs {y.size(0)}")
     return cka_from_grams(gram(x), gram(y))
 
 
@@ -61,7 +62,7 @@ def layer_grams(model: nn.Module, loader, tokens: str = "all", device: str = "cp
     """
     blocks = getattr(model, "blocks", None)
     if blocks is None:
-        raise ValueError("the model has no .blocks (not a timm VisionTransformer)")
+        raise InputError("the model has no .blocks (not a timm VisionTransformer)")
     feats: list[list[torch.Tensor]] = [[] for _ in range(len(blocks) + 1)]
 
     def pool(t: torch.Tensor) -> torch.Tensor:
@@ -131,14 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     from diffclip.classifier import eval_transform, load_vit
 
     if args.num_images < 2:
-        raise ValueError(f"--num-images must be >= 2, got {args.num_images}")
+        raise InputError(f"--num-images must be >= 2, got {args.num_images}")
     models = [load_vit(args.model_a), load_vit(args.model_b)]
     grams, names = [], []
     for model, data_cfg, _ in models:
         try:
             ds = build_dataset(args.dataset, args.data_root, args.split, eval_transform(data_cfg))
         except (FileNotFoundError, ValueError) as e:
-            raise ValueError(f"dataset {args.dataset!r}: {e}") from None
+            raise InputError(f"dataset {args.dataset!r}: {e}") from None
         ds = torch.utils.data.Subset(ds, range(min(args.num_images, len(ds))))
         loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size)
         n, g = layer_grams(model, loader, args.tokens)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from diffclip.cli import nonneg_int, positive_int
+from diffclip.errors import InputError
 from diffclip.runtime import PRECISION_HELP, PRECISIONS, cast_model, get_input_dtype
 
 log = logging.getLogger("diffclip.eval")
@@ -111,7 +112,7 @@ def extract_image_features(model, loader, device, autocast=None, progress: bool 
             feats.append((F.normalize(f, dim=-1) if normalize else f).cpu())
             labels.append(torch.as_tensor(y).long())
     if not feats:
-        raise ValueError("the dataset is empty")
+        raise InputError("the dataset is empty")
     return torch.cat(feats), torch.cat(labels)
 
 

@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from diffclip.cli import ArgumentParser, UsageError, positive_int, run
+from diffclip.errors import RunError
 from diffclip.files import write_json, write_text
 
 __all__ = ["load_config", "plan_runs", "to_flags", "summarise", "markdown_table", "main"]
@@ -110,7 +111,7 @@ def _execute(run: dict, python: str) -> dict:
         rc = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT)
     if rc != 0 or not (out / "results.json").is_file():
         tail = (out / "run.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"{run['label']} seed {run['seed']} failed (exit {rc}): {tail[0]}; see {out / 'run.log'}")
+        raise RunError(f"{run['label']} seed {run['seed']} failed (exit {rc}): {tail[0]}; see {out / 'run.log'}")
     return json.loads((out / "results.json").read_text())
 
 

@@ -45,6 +45,7 @@ from diffclip.classifier import (
 )
 from diffclip.cli import ArgumentParser, UsageError, nonneg_int, one_line, positive_int, setup_logging
 from diffclip.cli import run as run_program
+from diffclip.errors import RunError
 from diffclip.files import check_writable, save_torch, write_json
 from diffclip.hub import torch_load
 from diffclip.metrics import classification_metrics
@@ -343,7 +344,7 @@ def run(args: argparse.Namespace) -> dict:
                     logits = model(x)
                 loss = loss_fn(logits.float(), y_t)
                 if not math.isfinite(loss.item()):
-                    raise RuntimeError(f"loss is {loss.item()} at epoch {epoch + 1}; lower --lr or use fp32")
+                    raise RunError(f"loss is {loss.item()} at epoch {epoch + 1}; lower --lr or use fp32")
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()

@@ -57,6 +57,7 @@ from diffclip.eval.common import (
 from diffclip.eval.protocols import MEAN_PER_CLASS_DATASETS, fewshot, paper_linear_probe
 
 from diffclip.cli import ArgumentParser, UsageError, positive_float, positive_int, run, setup_logging, unit_interval
+from diffclip.errors import InputError
 from diffclip.files import check_writable, write_bytes, write_json, write_text
 from diffclip.metrics import classification_metrics
 from diffclip.runtime import get_autocast, resolve_device, seed_everything
@@ -205,7 +206,7 @@ def fewshot_probe(x_tr, y_tr, x_te, y_te, n_classes: int, k: int, seeds=(0, 1, 2
             c_seed = (choose_C(x_tr[shot], y_tr[shot], x_tr[val], y_tr[val], max_iter=max_iter, seed=seed)
                       if len(val) and len(np.unique(y_tr[shot])) > 1 else 1.0)
         if len(np.unique(y_tr[shot])) < 2:
-            raise ValueError(f"{k}-shot training set of seed {seed} has fewer than 2 classes")
+            raise InputError(f"{k}-shot training set of seed {seed} has fewer than 2 classes")
         clf = _fit(x_tr[shot], y_tr[shot], c_seed, max_iter, seed)
         m = _prefixed(classification_metrics(_scores(clf, x_te, n_classes), torch.as_tensor(y_te)))
         per_seed.append({"seed": seed, "C": c_seed, "n_train": len(shot), **m})

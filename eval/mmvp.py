@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from diffclip.eval.common import load_model, result_record
 
 from diffclip.cli import ArgumentParser, UsageError, positive_int, run, setup_logging
+from diffclip.errors import InputError
 from diffclip.files import check_writable, save_figure, write_json
 from diffclip.images import load_image
 from diffclip.runtime import PRECISION_HELP, PRECISIONS, get_autocast, get_input_dtype, resolve_device
@@ -57,15 +58,15 @@ def read_pairs(root: str | Path) -> list[dict]:
     parsed = []
     for line, row in enumerate(rows, 2):
         if len(row) < 3 or not row[0].strip().isdigit():
-            raise ValueError(f"{csv_path}:{line}: expected 'question id, type, statement', got {row!r}")
+            raise InputError(f"{csv_path}:{line}: expected 'question id, type, statement', got {row!r}")
         parsed.append((int(row[0]), row[1].strip(), row[2].strip()))
     if len(parsed) % 2:
-        raise ValueError(f"{csv_path}: {len(parsed)} statements; pairs need an even number")
+        raise InputError(f"{csv_path}: {len(parsed)} statements; pairs need an even number")
     pairs = []
     for i in range(0, len(parsed), 2):
         (q1, t1, s1), (q2, t2, s2) = parsed[i], parsed[i + 1]
         if t1 != t2:
-            raise ValueError(f"{csv_path}:{i + 2}-{i + 3}: a pair with two types ({t1!r}, {t2!r})")
+            raise InputError(f"{csv_path}:{i + 2}-{i + 3}: a pair with two types ({t1!r}, {t2!r})")
         images = [root / IMAGE_DIR / t1 / f"{q}.jpg" for q in (q1, q2)]  # the official script: both in t1's folder
         for p in images:
             if not p.is_file():

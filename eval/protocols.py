@@ -30,6 +30,8 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from diffclip.errors import InputError
+
 log = logging.getLogger("diffclip.eval")
 
 #: datasets whose paper metric is the mean per-class accuracy (lgssl's evaluate.py)
@@ -85,7 +87,7 @@ def paper_linear_probe(x_tr, y_tr, x_te, y_te, *, x_val=None, y_val=None, mean_p
         tr, val = split_trainval(y_tr, 0.2)
         x_tr, y_tr, x_val, y_val = x_tr[tr], y_tr[tr], x_tr[val], y_tr[val]
     if len(np.unique(y_tr)) < 2 or len(y_val) == 0:
-        raise ValueError("the linear probe needs at least 2 classes and a non-empty validation split")
+        raise InputError("the linear probe needs at least 2 classes and a non-empty validation split")
 
     tried: dict[float, float] = {}
 
@@ -128,7 +130,7 @@ def sample_episodes(y_tr, y_te, episodes: int = 5000, n_way: int = 5, n_shot: in
     y_tr, y_te = np.asarray(y_tr), np.asarray(y_te)
     usable = [c for c in np.unique(y_tr) if (y_tr == c).sum() >= n_shot and (y_te == c).sum() >= 1]
     if len(usable) < n_way:
-        raise ValueError(f"{n_way}-way {n_shot}-shot episodes need {n_way} classes with >= {n_shot} training and "
+        raise InputError(f"{n_way}-way {n_shot}-shot episodes need {n_way} classes with >= {n_shot} training and "
                          f">= 1 test images; this dataset has {len(usable)}")
     train_of = {c: np.flatnonzero(y_tr == c) for c in usable}
     test_of = {c: np.flatnonzero(y_te == c) for c in usable}

@@ -43,6 +43,7 @@ from diffclip.eval.readers_base import (  # noqa: F401 - re-exported
 )
 from torch.utils.data import Dataset
 
+from diffclip.errors import InputError
 from diffclip.images import load_image
 from diffclip.zero_shot import format_prompts
 
@@ -196,7 +197,7 @@ def dataset_spec(name: str, task: str = "classification") -> DatasetSpec:
     """
     key = (task, canonical_name(name))
     if key not in _REGISTRY:
-        raise ValueError(f"unknown {task} dataset {name!r}; known: {', '.join(list_datasets(task))}")
+        raise InputError(f"unknown {task} dataset {name!r}; known: {', '.join(list_datasets(task))}")
     return _REGISTRY[key]
 
 
@@ -210,7 +211,7 @@ def resolve_root(name: str, data_root: str | os.PathLike | None, task: str = "cl
     spec = dataset_spec(name, task)
     if data_root is None:
         if spec.default_root is None:
-            raise ValueError(f"dataset {spec.name!r} needs a data root (--data-root); expected layout: {spec.layout}")
+            raise InputError(f"dataset {spec.name!r} needs a data root (--data-root); expected layout: {spec.layout}")
         data_root = spec.default_root
     root = Path(data_root).expanduser()
     for sub in spec.subdirs:
@@ -256,7 +257,7 @@ def _build(name, root, split, transform, task, **options):
     spec = dataset_spec(name, task)
     split = split or spec.default_split
     if spec.splits and split not in spec.splits:
-        raise ValueError(f"dataset {spec.name!r} has no split {split!r}; splits: {', '.join(spec.splits)}")
+        raise InputError(f"dataset {spec.name!r} has no split {split!r}; splits: {', '.join(spec.splits)}")
     path = resolve_root(name, root, task)
     if not path.exists():
         raise DatasetNotFoundError(f"dataset {spec.name!r}: {path} not found; expected layout: {spec.layout}")
@@ -265,12 +266,12 @@ def _build(name, root, split, transform, task, **options):
     if "download" in inspect.signature(spec.build).parameters:
         options["download"] = download
     elif download:
-        raise ValueError(f"dataset {spec.name!r} cannot be downloaded by this program; expected layout: {spec.layout}")
+        raise InputError(f"dataset {spec.name!r} cannot be downloaded by this program; expected layout: {spec.layout}")
     ds = spec.build(path, split, transform, **{**spec.options, **options})
     if task == "classification":
         _override_prompts(ds, spec.name, classnames, templates)
         if not ds.classnames:
-            raise ValueError(f"dataset {spec.name!r} at {path} has an empty class list")
+            raise InputError(f"dataset {spec.name!r} at {path} has an empty class list")
     ds.name = display_name(name, root, task)
     ds.root = str(path)
     ds.split = split
@@ -281,20 +282,20 @@ def _override_prompts(ds, name, classnames, templates) -> None:
     if classnames is not None:
         names = read_lines(classnames) if isinstance(classnames, (str, os.PathLike)) else list(classnames)
         if not names:
-            raise ValueError(f"the class-name list for {name!r} is empty")
+            raise InputError(f"the class-name list for {name!r} is empty")
         if ds.classnames and len(names) != len(ds.classnames):
-            raise ValueError(f"{len(names)} class names given for {name!r}, but the dataset has "
+            raise InputError(f"{len(names)} class names given for {name!r}, but the dataset has "
                              f"{len(ds.classnames)} classes")
         ds.classnames = names
     if templates is not None:
         tpl = read_lines(templates) if isinstance(templates, (str, os.PathLike)) else list(templates)
         if not tpl:
-            raise ValueError(f"the template list for {name!r} is empty")
+            raise InputError(f"the template list for {name!r} is empty")
         try:
             format_prompts(["x"], tpl)
         except ValueError as e:
             where = f"--templates {templates}" if isinstance(templates, (str, os.PathLike)) else "templates"
-            raise ValueError(f"{where}: {e}") from None
+            raise InputError(f"{where}: {e}") from None
         ds.templates = tpl
 
 

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from diffclip.errors import InputError
 from diffclip.images import load_image, to_rgb
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -66,11 +67,11 @@ def _read_idx_cached(path: str, size: int, mtime_ns: int) -> np.ndarray:
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     if zero != 0 or dtype_code not in dtypes:
-        raise ValueError(f"{path} is not an idx file (bad magic number)")
+        raise InputError(f"{path} is not an idx file (bad magic number)")
     shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     arr = np.frombuffer(data, dtype=dtypes[dtype_code], offset=4 + 4 * ndim)
     if arr.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says {shape} but the file holds {arr.size} values")
+        raise InputError(f"{path}: header says {shape} but the file holds {arr.size} values")
     return arr.reshape(shape)
 
 
@@ -80,7 +81,7 @@ class IdxDataset(Dataset):
     def __init__(self, images: np.ndarray, labels: np.ndarray, classnames: Sequence[str], templates: Sequence[str],
                  transform: Callable | None = None):
         if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+            raise InputError(f"{len(images)} images but {len(labels)} labels")
         self.images, self.targets = images, [int(x) for x in labels]
         self.classnames, self.templates, self.class_index = list(classnames), list(templates), None
         self.transform = transform
@@ -177,7 +178,7 @@ class TarShardDataset(Dataset):
                     continue  # not a sample of this task (e.g. a stray json)
                 self.samples.append((key, members[image_key], members[needed]))
         if not self.samples:
-            raise ValueError(f"no samples with an image and a '{'cls' if task == 'classification' else 'txt'}' "
+            raise InputError(f"no samples with an image and a '{'cls' if task == 'classification' else 'txt'}' "
                              f"entry in {len(shards)} shard(s) starting with {shards[0] if shards else '-'}")
         if task == "classification":
             self.targets = [int(_read_member(m).decode().strip()) for _, _, m in self.samples]
@@ -204,10 +205,10 @@ class RetrievalDataset(Dataset):
     def __init__(self, paths: Sequence[str], captions: Sequence[Sequence[str]], transform: Callable | None = None,
                  background: tuple[int, int, int] | None = None):
         if len(paths) != len(captions):
-            raise ValueError(f"{len(paths)} images but {len(captions)} caption lists")
+            raise InputError(f"{len(paths)} images but {len(captions)} caption lists")
         empty = [p for p, c in zip(paths, captions) if not c]
         if empty:
-            raise ValueError(f"{len(empty)} images have no caption (e.g. {empty[0]})")
+            raise InputError(f"{len(empty)} images have no caption (e.g. {empty[0]})")
         self.paths, self.captions = [str(p) for p in paths], [list(c) for c in captions]
         self.transform, self.background = transform, background
 

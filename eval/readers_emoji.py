@@ -16,6 +16,8 @@ from diffclip.eval.readers import (
     _register,
 )
 
+from diffclip.errors import InputError
+
 # ---------------------------------------------------------------------------------------------------------------
 # Emoji sets (emoji-datasource-{twitter,google}@16, installed by scripts/get_demo_data.sh)
 # ---------------------------------------------------------------------------------------------------------------
@@ -54,7 +56,7 @@ def _emoji_classname(label: str, field_name: str) -> str:
 
 def _emoji_classification(root, split, transform, style, label="category"):
     if label not in ("category", "subcategory"):
-        raise ValueError(f"emoji label must be 'category' or 'subcategory', got {label!r}")
+        raise InputError(f"emoji label must be 'category' or 'subcategory', got {label!r}")
     img_dir, entries = _emoji_entries(root, style, split)
     _, all_entries = _emoji_entries(root, style, "all")
     classes = sorted({e[label] for e in all_entries})

@@ -24,6 +24,8 @@ from diffclip.eval.readers_imagenet import (
     _split_folder,
 )
 
+from diffclip.errors import InputError
+
 # ---------------------------------------------------------------------------------------------------------------
 # Generic folders, Tiny ImageNet, CLIP_benchmark webdataset
 # ---------------------------------------------------------------------------------------------------------------
@@ -48,7 +50,7 @@ def _folder(root, split, transform):
         if cand.is_file():
             names = read_lines(cand)
             if len(names) != len(dirs):
-                raise ValueError(f"{cand} lists {len(names)} class names but {folder} has {len(dirs)} class folders")
+                raise InputError(f"{cand} lists {len(names)} class names but {folder} has {len(dirs)} class folders")
             break
     templates = GENERIC_TEMPLATES
     for cand in (folder / "templates.txt", root / "templates.txt"):

@@ -16,6 +16,8 @@ from diffclip.eval.readers import (
     _register,
 )
 
+from diffclip.errors import InputError
+
 # ---------------------------------------------------------------------------------------------------------------
 # Retrieval: Karpathy splits (COCO, Flickr30k, Flickr8k), CSV / JSONL
 # ---------------------------------------------------------------------------------------------------------------
@@ -30,7 +32,7 @@ def _karpathy(root: Path, split: str, transform, name: str, json_name: str, imag
     _exists_or_raise(ann, name, layout, is_dir=False)
     images = [im for im in json.loads(ann.read_text(encoding="utf-8"))["images"] if im.get("split") == split]
     if not images:
-        raise ValueError(f"dataset {name!r}: {ann} has no images in split {split!r}")
+        raise InputError(f"dataset {name!r}: {ann} has no images in split {split!r}")
 
     # where the images are is decided on the first one: <root>/<filepath>/<filename>, else one folder for all
     first = images[0]
@@ -82,12 +84,12 @@ def _caption_table(root: Path, split, transform, fmt: str, img_key="filepath", c
         with open(root, encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f, delimiter=sep))
     if rows and (img_key not in rows[0] or caption_key not in rows[0]):
-        raise ValueError(f"{root} needs the keys {img_key!r} and {caption_key!r}, found {sorted(rows[0])}")
+        raise InputError(f"{root} needs the keys {img_key!r} and {caption_key!r}, found {sorted(rows[0])}")
     grouped: dict[str, list[str]] = {}
     for r in rows:
         grouped.setdefault(r[img_key], []).append(str(r[caption_key]).strip())
     if not grouped:
-        raise ValueError(f"{root} holds no rows")
+        raise InputError(f"{root} holds no rows")
     paths = [p if os.path.isabs(p) else root.parent / p for p in grouped]
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:

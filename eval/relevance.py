@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffclip.errors import InputError
+
 __all__ = ["attention_layers", "text_query_relevance", "plot_queries"]
 
 
@@ -25,10 +27,10 @@ def attention_layers(model: nn.Module) -> list[nn.Module]:
 
     blocks = getattr(model, "blocks", None)
     if blocks is None:
-        raise ValueError("the model has no .blocks (not a timm VisionTransformer)")
+        raise InputError("the model has no .blocks (not a timm VisionTransformer)")
     layers = [b.attn for b in blocks]
     if not all(isinstance(a, (DiffAttention, Attention)) for a in layers):
-        raise ValueError("the model's attention is not diffclip's (DiffAttention / Attention): no maps to read")
+        raise InputError("the model's attention is not diffclip's (DiffAttention / Attention): no maps to read")
     return layers
 
 

@@ -28,6 +28,7 @@ import textwrap
 from pathlib import Path
 
 from diffclip.cli import ArgumentParser, UsageError, run, setup_logging
+from diffclip.errors import InputError
 from diffclip.files import check_writable, save_figure, write_json, write_text
 
 OOD = ("imagenet-v2", "imagenet-a", "imagenet-r", "imagenet-sketch", "objectnet")
@@ -54,7 +55,7 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{f}:{i if f.suffix == '.jsonl' else e.lineno}: not JSON ({e.msg})") from None
+                raise InputError(f"{f}:{i if f.suffix == '.jsonl' else e.lineno}: not JSON ({e.msg})") from None
             for rec in obj if isinstance(obj, list) else [obj]:
                 if isinstance(rec, dict) and "task" in rec and "metrics" in rec:
                     out.append((seed, rec))

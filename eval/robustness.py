@@ -30,6 +30,7 @@ from diffclip.eval.zeroshot import TASK, cached_classifier
 from diffclip.eval.zeroshot import evaluate as zeroshot_evaluate
 
 from diffclip.cli import ArgumentParser, run, setup_logging
+from diffclip.errors import InputError
 from diffclip.files import check_writable, write_json, write_text
 from diffclip.runtime import resolve_device, seed_everything
 from diffclip.zero_shot import format_prompts
@@ -99,7 +100,7 @@ def _parse_roots(items: list[str]) -> dict[str, str]:
     out = {}
     for it in items:
         if "=" not in it:
-            raise ValueError(f"--root expects NAME=PATH, got {it!r}")
+            raise InputError(f"--root expects NAME=PATH, got {it!r}")
         name, path = it.split("=", 1)
         out[readers.canonical_name(name)] = path
     return out
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                                 skip_missing=args.skip_missing, progress=not args.no_progress,
                                 model_name=args.model, pretrained=args.pretrained, templates=templates)
     if not summary["shifts"]:
-        raise ValueError("no shift set was evaluated")
+        raise InputError("no shift set was evaluated")
     out = {"model": args.model, "pretrained": args.pretrained or "", "results": records, "summary": summary}
     table = markdown_table(summary, f"{args.model} {args.pretrained or ''}".strip())
     if args.output:

@@ -40,6 +40,7 @@ from diffclip.eval.common import (
 )
 
 from diffclip.cli import ArgumentParser, nonneg_int, positive_int, run, setup_logging
+from diffclip.errors import InputError
 from diffclip.files import check_writable, write_json, write_text
 from diffclip.runtime import PRECISION_HELP, PRECISIONS, resolve_device, seed_everything
 
@@ -113,7 +114,7 @@ def run_task(task: str, name: str, model, preprocess, tokenizer, *, model_name: 
             precision=args.precision, batch_size=args.batch_size, workers=args.workers,
             max_samples=args.max_samples, fewshot_k=args.fewshot_k if task == "fewshot" else None,
             cache_dir=None if args.no_cache else args.feature_cache, progress=progress)
-    raise ValueError(f"unknown task {task!r}")
+    raise InputError(f"unknown task {task!r}")
 
 
 def model_labels(models: list[tuple[str, str | None]]) -> list[str]:
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     if args.pretrained and len(args.pretrained) != len(args.model):
-        raise ValueError(f"{len(args.model)} --model but {len(args.pretrained)} --pretrained values; give one "
+        raise InputError(f"{len(args.model)} --model but {len(args.pretrained)} --pretrained values; give one "
                          f"--pretrained per --model (or none at all), 'none' for random init")
     pretrained = [None if (p or "").lower() in ("", "none") else p for p in args.pretrained] or [None] * len(args.model)
     models = list(zip(args.model, pretrained))
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     roots = {}
     for it in args.root:
         if "=" not in it:
-            raise ValueError(f"--root expects NAME=PATH, got {it!r}")
+            raise InputError(f"--root expects NAME=PATH, got {it!r}")
         k, v = it.split("=", 1)
         roots[readers.canonical_name(k)] = v
     tasks = suite_tasks(args.suite, args.fewshot_k)

@@ -28,6 +28,7 @@ from diffclip.eval.relevance import attention_layers
 from torch import nn
 
 from diffclip.cli import ArgumentParser, UsageError, nonneg_int, run
+from diffclip.errors import InputError
 from diffclip.files import check_writable, save_figure, write_json
 from diffclip.hub import torch_load
 
@@ -82,7 +83,7 @@ def _pick(requested: list[int] | None, n: int, what: str) -> list[int]:
     idx = [i if i >= 0 else n + i for i in requested]
     bad = [r for r, i in zip(requested, idx) if not 0 <= i < n]
     if bad:
-        raise ValueError(f"{what} {bad} out of range: the model has {n}")
+        raise InputError(f"{what} {bad} out of range: the model has {n}")
     return idx
 
 
@@ -145,7 +146,7 @@ def _rows_for(model, maps, label: str, layers: list[int] | None, heads: list[int
     grid = tuple(model.patch_embed.grid_size)
     prefix = getattr(model, "num_prefix_tokens", 1)
     if getattr(model, "cls_token", None) is None:
-        raise ValueError(f"{label}: the model has no class token")
+        raise InputError(f"{label}: the model has no class token")
     lidx = _pick(layers, len(maps), "layers")
     rows = []
     for li in lidx:
@@ -170,16 +171,16 @@ def _load_image(args, data_cfg):
 
     if args.image:
         if not Path(args.image).is_file():
-            raise ValueError(f"--image {args.image} does not exist")
+            raise InputError(f"--image {args.image} does not exist")
         return Image.open(args.image).convert("RGB"), None, args.image
     from diffclip.eval.readers import build_dataset
 
     try:
         ds = build_dataset(args.dataset, args.data_root, args.split, None)
     except (FileNotFoundError, ValueError) as e:
-        raise ValueError(f"dataset {args.dataset!r}: {e}") from None
+        raise InputError(f"dataset {args.dataset!r}: {e}") from None
     if not 0 <= args.index < len(ds):
-        raise ValueError(f"--index {args.index} out of range: {args.dataset} {args.split} has {len(ds)} images")
+        raise InputError(f"--index {args.index} out of range: {args.dataset} {args.split} has {len(ds)} images")
     img, label = ds[args.index]
     return img, ds.classnames[label], f"{args.dataset} {args.split or ''} #{args.index}"
 

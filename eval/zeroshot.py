@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from diffclip.cli import ArgumentParser, one_line, run, setup_logging
+from diffclip.errors import InputError
 from diffclip.files import check_writable, write_bytes, write_json
 from diffclip.metrics import classification_metrics, rank_of
 from diffclip.runtime import get_autocast, resolve_device, seed_everything
@@ -51,14 +52,14 @@ def load_classifier(path: str | Path, n_classes: int, embed_dim: int) -> torch.T
     try:
         tensors = load_file(str(path))
     except Exception as e:  # safetensors raises its own error type for a file that is not safetensors
-        raise ValueError(f"classifier {path}: not a safetensors file ({one_line(e)})") from None
+        raise InputError(f"classifier {path}: not a safetensors file ({one_line(e)})") from None
     if "classifier" not in tensors or tensors["classifier"].ndim != 2:
-        raise ValueError(f"{path} holds no 2-D 'classifier' tensor (found {sorted(tensors)})")
+        raise InputError(f"{path} holds no 2-D 'classifier' tensor (found {sorted(tensors)})")
     w = tensors["classifier"]
     if w.shape[1] != n_classes:
-        raise ValueError(f"classifier {path} has {w.shape[1]} classes but the dataset has {n_classes}")
+        raise InputError(f"classifier {path} has {w.shape[1]} classes but the dataset has {n_classes}")
     if w.shape[0] != embed_dim:
-        raise ValueError(f"classifier {path} has embedding width {w.shape[0]} but the model's is {embed_dim}")
+        raise InputError(f"classifier {path} has embedding width {w.shape[0]} but the model's is {embed_dim}")
     return w
 
 
@@ -100,13 +101,13 @@ def evaluate(model, tokenizer, dataset, *, device: torch.device, precision: str 
     if class_index is not None and classifier.shape[1] != len(dataset.classnames):
         used = classifier[:, torch.as_tensor(class_index, device=classifier.device)]
     if used.shape[1] != len(dataset.classnames):
-        raise ValueError(f"classifier has {used.shape[1]} classes but the dataset has {len(dataset.classnames)}")
+        raise InputError(f"classifier has {used.shape[1]} classes but the dataset has {len(dataset.classnames)}")
     t0 = time.perf_counter()
     logits, targets = zero_shot_predict(model, used, make_loader(dataset, batch_size, workers, device), device=device,
                                         autocast=autocast, progress=progress, desc=getattr(dataset, "name", "zero-shot"))
     log.info("%d images in %.1fs", len(targets), time.perf_counter() - t0)
     if targets.max() >= used.shape[1]:
-        raise ValueError(f"labels go up to {int(targets.max())} but the classifier has {used.shape[1]} classes")
+        raise InputError(f"labels go up to {int(targets.max())} but the classifier has {used.shape[1]} classes")
     if ranks is not None:  # each image's 0-based rank of its true class (top-k hit: rank < k), the module's tie rule
         ranks["target"] = rank_of(logits, targets).cpu()
     return classification_metrics(logits, targets), used

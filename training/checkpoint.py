@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from diffclip.errors import InputError
 from diffclip.files import save_torch
 from diffclip.hub import load_state_dict, torch_load
 
@@ -77,7 +78,7 @@ def checkpoint_step(path: str | Path, steps_per_epoch: int) -> int:
     """The optimizer step a checkpoint file name stands for (``epoch_e`` = ``e * steps_per_epoch``)."""
     m = _NAME.match(Path(path).name)
     if not m:
-        raise ValueError(f"not a checkpoint name: {path}")
+        raise InputError(f"not a checkpoint name: {path}")
     return int(m.group(2)) * (steps_per_epoch if m.group(1) == "epoch" else 1)
 
 
@@ -137,7 +138,7 @@ def read_checkpoint(path: str | Path) -> dict:
     """
     ckpt = torch_load(path)
     if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "step" not in ckpt or "state_dict" not in ckpt:
-        raise ValueError(f"{path}: not a training checkpoint of training/main.py (use --pretrained for weights)")
+        raise InputError(f"{path}: not a training checkpoint of training/main.py (use --pretrained for weights)")
     legacy = ckpt.pop("loss_state", None) or {}  # SigLIP's bias, before it moved onto the model
     if "logit_bias" in legacy:
         ckpt["state_dict"]["logit_bias"] = legacy["logit_bias"]

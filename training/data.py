@@ -49,6 +49,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import get_worker_info
 
+from diffclip.errors import InputError, RunError
+
 __all__ = ["IMAGE_EXTENSIONS", "CAPTION_EXTENSION", "expand_urls", "get_dataset_size", "SkipStats", "DataInfo",
            "get_wds_loader"]
 
@@ -65,7 +67,7 @@ def _expand_source(source: str) -> list[str]:
     if os.path.isdir(source):  # a folder of shards: its *.tar files
         shards = sorted(os.path.join(source, f) for f in os.listdir(source) if f.endswith(".tar"))
         if not shards:
-            raise ValueError(f"no .tar shards in folder {source}")
+            raise InputError(f"no .tar shards in folder {source}")
         return shards
     return list(braceexpand.braceexpand(source))
 
@@ -82,19 +84,19 @@ def expand_urls(spec: str, weights: str | None = None) -> tuple[list[str], list[
     """
     sources = [s.strip() for s in (spec.split("::") if isinstance(spec, str) else list(spec))]
     if not sources or not all(sources):
-        raise ValueError(f"empty source in data spec {spec!r}")
+        raise InputError(f"empty source in data spec {spec!r}")
     if weights is None:
         factors = [1.0] * len(sources)
     else:
         parts = str(weights).split("::")
         if len(parts) != len(sources):
-            raise ValueError(f"{len(parts)} upsampling factor(s) {weights!r} for {len(sources)} source(s) in {spec!r}")
+            raise InputError(f"{len(parts)} upsampling factor(s) {weights!r} for {len(sources)} source(s) in {spec!r}")
         try:
             factors = [float(p) for p in parts]
         except ValueError:
-            raise ValueError(f"upsampling factors must be numbers: {weights!r}") from None
+            raise InputError(f"upsampling factors must be numbers: {weights!r}") from None
         if any(f < 0 or not math.isfinite(f) for f in factors) or not any(factors):
-            raise ValueError(f"upsampling factors must be finite, >= 0 and not all 0: {weights!r}")
+            raise InputError(f"upsampling factors must be finite, >= 0 and not all 0: {weights!r}")
     urls: list[str] = []
     url_weights: list[float] = []
     for source, factor in zip(sources, factors):
@@ -111,9 +113,9 @@ def _read_sizes(path: str) -> dict:
         with open(path) as f:
             table = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: not JSON ({e.msg}); expected {{shard name: sample count}}") from None
+        raise InputError(f"{path}:{e.lineno}: not JSON ({e.msg}); expected {{shard name: sample count}}") from None
     if not isinstance(table, dict) or not all(isinstance(v, int) for v in table.values()):
-        raise ValueError(f"{path}: expected a JSON object {{shard name: sample count}}")
+        raise InputError(f"{path}: expected a JSON object {{shard name: sample count}}")
     return table
 
 
@@ -151,13 +153,13 @@ def get_dataset_size(urls: list[str]) -> tuple[int, int]:
             table = _read_sizes(sizes_path)
             missing = [n for n in names if n not in table]
             if missing:
-                raise ValueError(f"shard {missing[0]} is not listed in {sizes_path} ({len(missing)} missing); "
+                raise InputError(f"shard {missing[0]} is not listed in {sizes_path} ({len(missing)} missing); "
                                  f"pass --train-num-samples")
             total += sum(int(table[n]) for n in names)
         elif os.path.isfile(len_path):
             total += int(ast.literal_eval(open(len_path).read().strip()))
         else:
-            raise ValueError(f"cannot tell how many samples {os.path.join(folder, names[0])} holds: no sizes.json "
+            raise InputError(f"cannot tell how many samples {os.path.join(folder, names[0])} holds: no sizes.json "
                              f"or __len__ in {folder or '.'}; pass --train-num-samples")
     return total, len(urls)
 
@@ -264,7 +266,7 @@ class _Plan:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         if info is not None and info.num_workers != self.num_workers:
-            raise RuntimeError(f"pipeline built for {self.num_workers} workers runs in {info.num_workers}")
+            raise RunError(f"pipeline built for {self.num_workers} workers runs in {info.num_workers}")
         w = self.num_workers
         role = (worker + skip) % w
         done = skip // w + (1 if role < skip % w else 0)
@@ -307,7 +309,7 @@ def _shard_source(plan: _Plan):
         mine = order[plan.rank::plan.world_size][r.role::plan.num_workers]
         if not mine:
             if plan.is_train:
-                raise ValueError(f"rank {plan.rank} worker {r.role} got no shard: {len(plan.urls)} shard(s) for "
+                raise InputError(f"rank {plan.rank} worker {r.role} got no shard: {len(plan.urls)} shard(s) for "
                                  f"{plan.world_size} rank(s) x {plan.num_workers} worker(s)")
             return
         for url in mine:
@@ -376,7 +378,7 @@ class _ReadShards(wds.PipelineStage):
             yield _Sample(sample["__key__"], sample["__url__"], pass_index, round_index, sample[image_key],
                           sample[CAPTION_EXTENSION])
         if keys and not good and not failed:
-            raise ValueError(f"no sample in shard {url} has both an image ({'/'.join(IMAGE_EXTENSIONS)}) and "
+            raise InputError(f"no sample in shard {url} has both an image ({'/'.join(IMAGE_EXTENSIONS)}) and "
                              f"a caption ({CAPTION_EXTENSION}); keys found: {', '.join(sorted(keys))}")
 
 
@@ -512,9 +514,9 @@ class DataInfo:
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Selects the epoch (and the batch to start at) for the next iteration of ``dataloader``."""
         if not 0 <= skip_batches < max(self.num_batches, 1):
-            raise ValueError(f"skip_batches={skip_batches} outside the epoch's {self.num_batches} batches")
+            raise InputError(f"skip_batches={skip_batches} outside the epoch's {self.num_batches} batches")
         if self.shared_epoch is None:
-            raise ValueError("set_epoch needs a training loader")
+            raise InputError("set_epoch needs a training loader")
         self.shared_epoch.set(epoch, skip_batches)
 
 
@@ -549,33 +551,33 @@ def get_wds_loader(urls, preprocess, tokenizer, *, batch_size: int, num_samples:
     else:
         urls, spec_weights = list(urls), None
     if not urls:
-        raise ValueError("no shards given")
+        raise InputError("no shards given")
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or workers < 0:
-        raise ValueError(f"bad split: batch_size={batch_size}, world_size={world_size}, rank={rank}, workers={workers}")
+        raise InputError(f"bad split: batch_size={batch_size}, world_size={world_size}, rank={rank}, workers={workers}")
     _check_local_shards(urls)
     if upsampling_factors is None or isinstance(upsampling_factors, str):
         weights = spec_weights or [1.0] * len(urls)
     else:
         weights = [float(w) for w in upsampling_factors]
         if len(weights) != len(urls):
-            raise ValueError(f"{len(weights)} upsampling factors for {len(urls)} shards")
+            raise InputError(f"{len(weights)} upsampling factors for {len(urls)} shards")
     if upsampling_factors is not None and not resampled:
-        raise ValueError("upsampling factors need resampled shards (--dataset-resampled)")
+        raise InputError("upsampling factors need resampled shards (--dataset-resampled)")
     if num_samples is None:
         num_samples, _ = get_dataset_size(urls)
     num_workers = max(1, workers)
     if is_train:
         num_batches = num_samples // (batch_size * world_size)
         if num_batches < 1:
-            raise ValueError(f"{num_samples} samples make no full batch of {batch_size} x {world_size} rank(s)")
+            raise InputError(f"{num_samples} samples make no full batch of {batch_size} x {world_size} rank(s)")
         if not resampled and len(urls) < world_size * num_workers:
-            raise ValueError(f"{len(urls)} shard(s) cannot be split over {world_size} rank(s) x {num_workers} "
+            raise InputError(f"{len(urls)} shard(s) cannot be split over {world_size} rank(s) x {num_workers} "
                              f"worker(s): write more shards, use fewer workers, or resample (--dataset-resampled)")
         if not 0 <= skip_batches < num_batches:
-            raise ValueError(f"skip_batches={skip_batches} outside the epoch's {num_batches} batches")
+            raise InputError(f"skip_batches={skip_batches} outside the epoch's {num_batches} batches")
     else:
         if resampled or skip_batches:
-            raise ValueError("evaluation loaders are neither resampled nor resumed")
+            raise InputError("evaluation loaders are neither resampled nor resumed")
         sizes = _shard_sizes(urls)
         if sizes is not None:  # exact: each worker's partial last batch
             mine = list(range(len(urls)))[rank::world_size]

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from diffclip.errors import RunError
+
 __all__ = ["DistInfo", "init_distributed", "world_info_from_env", "barrier", "all_reduce_mean", "cleanup"]
 
 
@@ -60,7 +62,7 @@ def world_info_from_env() -> tuple[int, int, int]:
         if "MASTER_ADDR" not in os.environ:
             host = _first_slurm_host()
             if host is None:
-                raise RuntimeError("SLURM job without MASTER_ADDR: export MASTER_ADDR (the first node's hostname)")
+                raise RunError("SLURM job without MASTER_ADDR: export MASTER_ADDR (the first node's hostname)")
             os.environ["MASTER_ADDR"] = host
         os.environ.setdefault("MASTER_PORT", "29500")
         return rank, local_rank, world
@@ -82,7 +84,7 @@ def init_distributed(device: str | None = None, backend: str | None = None) -> D
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda requested but CUDA is not available")
+            raise RunError("--device cuda requested but CUDA is not available")
         dev = torch.device(f"cuda:{local_rank}") if device == "cuda" else torch.device(device)
         torch.cuda.set_device(dev)
     else:

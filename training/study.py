@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from diffclip.cli import ArgumentParser, UsageError, positive_int, run, setup_logging
+from diffclip.errors import RunError
 
 log = logging.getLogger("diffclip.study")
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,7 +149,7 @@ def _execute(job: dict, log_dir: Path, threads: int) -> None:
         rc = subprocess.call(job["argv"], stdout=f, stderr=subprocess.STDOUT, env=env)
     if rc != 0 or not Path(job["output"]).exists():
         lines = [ln for ln in log_file.read_text().splitlines() if ln.strip()]
-        raise RuntimeError(f"{job['name']} failed (exit {rc}): {lines[-1] if lines else '(no output)'}; "
+        raise RunError(f"{job['name']} failed (exit {rc}): {lines[-1] if lines else '(no output)'}; "
                            f"see {log_file}")
 
 
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = write_summary(study, wall_time=time.time() - t0 if not args.report_only else None)
     print(summary["markdown"])
     if failures:
-        raise RuntimeError(f"{len(failures)} job(s) failed; first: {failures[0]}")
+        raise RunError(f"{len(failures)} job(s) failed; first: {failures[0]}")
     return 0
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from diffclip.errors import InputError, RunError
 from diffclip.loss import clamp_logit_scale
 from diffclip.metrics import retrieval_metrics
 
@@ -298,7 +299,7 @@ def train_one_epoch(state: TrainState, data, start_batch: int = 0,
         t_last = time.perf_counter()
     bar.close()
     if step_in_epoch < n_steps:
-        raise RuntimeError(f"the data loader of epoch {state.epoch} ended after {step_in_epoch} of {n_steps} steps")
+        raise RunError(f"the data loader of epoch {state.epoch} ended after {step_in_epoch} of {n_steps} steps")
 
 
 @torch.no_grad()
@@ -322,7 +323,7 @@ def evaluate_val(model: nn.Module, loss_fn_local: nn.Module, data, device: torch
         txts.append(txt.float().cpu())
     model.train()
     if not imgs:
-        raise ValueError("the validation set is empty")
+        raise InputError("the validation set is empty")
     img, txt = torch.cat(imgs), torch.cat(txts)
     out = {"val_loss": sum(losses) / len(losses), "num_samples": img.shape[0]}
     out.update(retrieval_metrics(img, txt, torch.arange(img.shape[0])))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from diffclip.errors import InputError
 from diffclip.images import undecodable
 from diffclip.zero_shot import build_zero_shot_classifier, zero_shot_evaluate
 
@@ -50,7 +51,7 @@ def load_zeroshot_set(root: str | Path, preprocess):
         dataset.targets = [t for _, t in dataset.samples]
         log.warning("--zeroshot-data %s: skipped %d undecodable image(s), e.g. %s", root, len(bad), bad[0][1])
     if not dataset.samples:
-        raise ValueError(f"--zeroshot-data {root}: no decodable image")
+        raise InputError(f"--zeroshot-data {root}: no decodable image")
     dataset.name = root.name
     return dataset
 
