@@ -1,6 +1,7 @@
 """The documentation points at things that exist: every relative link of README.md and docs/*.md resolves (file and
-#anchor), every command of the README's bash blocks names a program of this tree (a script, a module, a Makefile
-target, a console script, an install extra), and the README's Python blocks parse."""
+#anchor), every command of their bash blocks names a program of this tree (a script, a module, a Makefile target, a
+console script, an install extra) and the project files it reads (a study file...), and the README's Python blocks
+parse."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 # shell words that are not programs of this project
 SHELL = {"cd", "source", "export", "rm", "mkdir", "ls", "cat", "echo", "git", "apt-get", "npm", "sudo"}
+# an argument naming a file of this tree that the command reads (outputs such as docs/images/*.png are not checked)
+PROJECT_FILE = re.compile(r"^(studies|eval|training|scripts|bench|diffclip)/[\w./-]+\.(json|py|sh|txt)$")
 
 
 def _prose(text: str) -> str:
@@ -73,8 +76,8 @@ def test_every_page_is_linked_from_the_readme():
         assert f"docs/{page.name}" in readme, f"README.md does not link docs/{page.name}"
 
 
-def _blocks(lang: str) -> list[str]:
-    return [body for kind, body in FENCE.findall((ROOT / "README.md").read_text()) if kind == lang]
+def _blocks(lang: str, pages=(ROOT / "README.md",)) -> list[str]:
+    return [body for page in pages for kind, body in FENCE.findall(page.read_text()) if kind == lang]
 
 
 def _commands(block: str):
@@ -103,7 +106,10 @@ def _make_targets() -> set[str]:
 
 
 def _problem(words: list[str]) -> str | None:
-    """Why this command names nothing that exists here (None when it does)."""
+    """Why this command names something that does not exist here (None when all it names exists)."""
+    missing = [a for a in words[1:] if PROJECT_FILE.match(a) and not (ROOT / a).is_file()]
+    if missing:
+        return f"no file {missing[0]}"
     prog, args = Path(words[0]).name, words[1:]
     if prog == "nice":
         return _problem(args)
@@ -112,7 +118,11 @@ def _problem(words: list[str]) -> str | None:
     if prog in ("python", "python3"):
         if args[:1] == ["-m"]:
             module = args[1]
-            return None if importlib.util.find_spec(module) else f"no module {module}"
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except ModuleNotFoundError:  # a parent package that does not exist
+                found = False
+            return None if found else f"no module {module}"
         if args[:1] == ["-c"]:
             return None
         return None if (ROOT / args[0]).is_file() else f"no file {args[0]}"
@@ -140,11 +150,22 @@ def _problem(words: list[str]) -> str | None:
     return f"unknown program {words[0]!r}"
 
 
-def test_readme_commands_name_programs_that_exist():
-    blocks = _blocks("bash")
-    assert blocks, "README.md has no bash block"
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_commands_name_programs_that_exist(page):
+    blocks = _blocks("bash", [page])
+    if page.name == "README.md":
+        assert blocks, "README.md has no bash block"
     problems = [f"{' '.join(c)[:80]}: {p}" for block in blocks for c in _commands(block) if (p := _problem(c))]
-    assert not problems, "README.md commands naming nothing in this tree:\n" + "\n".join(problems)
+    assert not problems, f"{page.name}: commands naming what is not in this tree:\n" + "\n".join(problems)
+
+
+def test_the_command_check_catches_a_missing_program():
+    assert _problem(["python", "eval/no_such_program.py"]) == "no file eval/no_such_program.py"
+    assert _problem(["torchrun", "--nproc_per_node", "2", "training/main.py"]) is None
+    assert _problem(["make", "no-such-target"]).startswith("no Makefile target")
+    assert _problem(["python", "-m", "diffclip.no_such_module"]) == "no module diffclip.no_such_module"
+    assert _problem(["python", "training/study.py", "studies/no_such_study.json"]).startswith("no file studies/")
+    assert _problem(["frobnicate", "x"]).startswith("unknown program")
 
 
 def test_readme_names_the_two_commands():
