@@ -1,4 +1,5 @@
-"""Training checkpoints: atomic saves and exact resumption, mid-epoch included.
+"""Training checkpoints of every training program (``training/main.py``, ``training/finetune.py``): atomic saves
+and exact resumption, mid-epoch included.
 
 A checkpoint is one file ``{run}/checkpoints/epoch_{e}.pt`` (end of epoch ``e``, 1-based as in open_clip) or
 ``step_{s}.pt`` (after optimizer step ``s``), written by rank 0 atomically (:func:`diffclip.files.save_torch`:
@@ -11,7 +12,8 @@ newer files that are empty, truncated or not checkpoints. It holds:
 * ``optimizer``, ``scaler``, ``step`` (optimizer steps done), ``epoch`` (the epoch to continue, 0-based),
   ``batches_done`` (micro-batches of that epoch already consumed: the data position),
 * ``rng``: the Python, NumPy, torch (and CUDA) generator states of every rank,
-* ``model_name``, ``args`` (the flags, for reference), ``world_size``.
+* ``model_name``, ``args`` (the flags, for reference), ``world_size``,
+* and what the program adds (``extra``): finetune's classifier recipe, best accuracy, times and epoch sums.
 
 Only tensors, containers and primitives are stored, so :func:`diffclip.hub.torch_load` (``weights_only``) reads it.
 """
@@ -95,16 +97,18 @@ def find_latest(ckpt_dir: str | Path, steps_per_epoch: int) -> Path | None:
 
 
 def save_checkpoint(path: str | Path, state, batches_done: int, info: DistInfo, *, epoch: int | None = None,
-                    delete: list[Path] | None = None) -> None:
-    """Writes a checkpoint of ``state`` (a ``training.train.TrainState``) atomically; call on every rank.
+                    delete: list[Path] | None = None, extra: dict | None = None) -> None:
+    """Writes a checkpoint of ``state`` atomically; call on every rank.
 
     Args:
         path: the final file name.
-        state: the run (model, loss, optimizer, scaler, step, epoch, args).
+        state: the run: anything with ``model``, ``optimizer``, ``scaler`` (or None), ``step``, ``epoch`` and
+            ``args`` (an ``argparse.Namespace`` with ``model``), as ``training.train.TrainState``.
         batches_done: micro-batches of ``epoch`` already consumed.
         info: this process's place; the RNG states of all ranks are gathered to rank 0.
         epoch: the epoch to continue from (default ``state.epoch``).
         delete: older checkpoints to remove once the new one is in place (rank 0).
+        extra: more entries for the checkpoint (tensors, containers and primitives only).
     """
     from .train import unwrap_model
 
@@ -118,7 +122,8 @@ def save_checkpoint(path: str | Path, state, batches_done: int, info: DistInfo, 
                 "scaler": state.scaler.state_dict() if state.scaler is not None else None,
                 "step": state.step, "epoch": state.epoch if epoch is None else epoch, "batches_done": batches_done,
                 "rng": rngs, "world_size": info.world_size, "model_name": state.args.model,
-                "args": {k: v for k, v in vars(state.args).items() if isinstance(v, (str, int, float, bool, type(None)))}}
+                "args": {k: v for k, v in vars(state.args).items() if isinstance(v, (str, int, float, bool, type(None)))},
+                **(extra or {})}
         save_torch(path, ckpt)
         log.info("saved checkpoint %s (step %d, epoch %d, %d batches into it)", path, state.step, ckpt["epoch"],
                  batches_done)
@@ -138,7 +143,8 @@ def read_checkpoint(path: str | Path) -> dict:
     """
     ckpt = torch_load(path)
     if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "step" not in ckpt or "state_dict" not in ckpt:
-        raise InputError(f"{path}: not a training checkpoint of training/main.py (use --pretrained for weights)")
+        raise InputError(f"{path}: not a training checkpoint of diffclip's training programs (use --pretrained for "
+                         "weights)")
     legacy = ckpt.pop("loss_state", None) or {}  # SigLIP's bias, before it moved onto the model
     if "logit_bias" in legacy:
         ckpt["state_dict"]["logit_bias"] = legacy["logit_bias"]

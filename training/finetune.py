@@ -4,20 +4,24 @@ attention, from scratch, from a timm checkpoint or from a DiffCLIP/CLIP checkpoi
 Examples::
 
     # a 38K-parameter DiffViT on Fashion-MNIST (idx files of the Debian package), 1 channel, patch 7
-    python eval/finetune.py --model diff_vit_nano_patch4_28 --dataset fashion_mnist \\
+    python training/finetune.py --model diff_vit_nano_patch4_28 --dataset fashion_mnist \\
         --data-root /usr/share/datasets/fashion-mnist --in-chans 1 --patch-size 7 --embed-dim 40 --depth 3 \\
         --epochs 10 --output runs/fmnist_diff
 
     # the vision tower of a DiffCLIP checkpoint, new 37-way head, layer-wise lr decay
-    python eval/finetune.py --model DiffCLIP-Tiny-64 --init path/to/saved_model --dataset pets \\
+    python training/finetune.py --model DiffCLIP-Tiny-64 --init path/to/saved_model --dataset pets \\
         --data-root data/pets --lr 1e-4 --layer-decay 0.75 --output runs/pets
 
 The loop is nanoGPT-plain; the pieces come from timm: the models, ``create_transform`` (RandAugment, random
 erasing), ``Mixup`` (mixup / cutmix), the label-smoothing losses, ``create_optimizer_v2`` (AdamW, layer decay,
 no weight decay on 1-D parameters) and the cosine scheduler with warm-up. The test split is evaluated after
-every epoch; ``last.pt`` and ``best.pt`` are written atomically (temporary name + ``os.replace``); ``--resume``
-continues from ``last.pt``; ``log.jsonl`` and TensorBoard get one record per epoch; ``results.json`` gets the
-final metrics (``acc1``/``acc5`` of the last epoch as fractions, ``best_acc1``, parameter count, epochs, wall time).
+every epoch. The run folder ``--output`` has the trainer's layout (``training/run_folder.py``): the run lock,
+``params.txt``, ``out.log``, ``results.jsonl`` (one ``"type": "epoch"`` record per epoch) + ``tensorboard/``,
+``checkpoints/`` (``epoch_{e}.pt`` and, with ``--save-every-n-steps``, ``step_{s}.pt``; the two newest are kept;
+``--resume`` continues from the newest that loads, at the exact step: the same weights as a run never stopped),
+plus ``best.pt`` (the classifier of the best epoch, for ``eval/visualize.py`` and ``eval/cka.py``) and
+``results.json`` (``acc1``/``acc5`` of the last epoch as fractions, ``best_acc1``, parameter count, epochs, wall
+and CPU time).
 """
 
 from __future__ import annotations
@@ -26,28 +30,31 @@ import argparse
 import json
 import logging
 import math
+import pickle
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from diffclip.training.checkpoint import checkpoint_step, find_loadable, load_checkpoint, save_checkpoint, set_rng_state
+from diffclip.training.distributed import DistInfo
+from diffclip.training.run_folder import RunLock
+from diffclip.training.train import MetricsLogger, backward, optimizer_step
 from torch import nn
 
 from diffclip.classifier import (
     build_model,
     build_transforms,
     count_params,
-    eval_transform,
     is_diffclip_name,
-    load_classifier,
-    load_vit,
     random_train_transform,
 )
 from diffclip.cli import ArgumentParser, UsageError, nonneg_int, one_line, positive_int, setup_logging
 from diffclip.cli import run as run_program
 from diffclip.errors import RunError
-from diffclip.files import check_writable, save_torch, write_json
-from diffclip.hub import torch_load
+from diffclip.files import check_writable, save_torch, write_json, write_text
+from diffclip.hub import check_state_dict
 from diffclip.metrics import classification_metrics
 from diffclip.runtime import (
     PRECISION_HELP,
@@ -62,8 +69,7 @@ from diffclip.runtime import (
 
 log = logging.getLogger("diffclip.finetune")
 
-__all__ = ["parse_args", "build_model", "build_transforms", "build_datasets", "load_classifier", "load_vit",
-           "eval_transform", "evaluate", "main", "run", "count_params", "AUG_PRESETS", "UsageError"]
+__all__ = ["parse_args", "classifier_kwargs", "build_datasets", "evaluate", "main", "run", "AUG_PRESETS"]
 
 # --aug presets; every field can also be set by its own flag (--randaug, --mixup, ...), which wins.
 AUG_PRESETS = {
@@ -132,8 +138,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     o.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     o.add_argument("--device", default="auto", help="auto (cuda if available, else mps, else cpu), cpu, cuda, mps")
     r = p.add_argument_group("output")
-    r.add_argument("--output", required=True, help="run folder: checkpoints, log.jsonl, tb/, results.json")
-    r.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
+    r.add_argument("--output", required=True, help="run folder: checkpoints/, results.jsonl, tensorboard/, best.pt, "
+                   "results.json (the trainer's layout)")
+    r.add_argument("--resume", nargs="?", const="latest", choices=("latest",), default=None,
+                   help="continue from the newest checkpoint of OUTPUT that loads ('--resume' = '--resume latest')")
+    r.add_argument("--save-every-n-steps", type=nonneg_int, default=0, help="also checkpoint every n steps, "
+                   "mid-epoch included (0: at the end of each epoch only)")
     r.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     args = p.parse_args(argv)
     for key, value in AUG_PRESETS[args.aug].items():
@@ -168,6 +178,18 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--data-root {args.data_root} does not exist")
     if args.init != "scratch" and not is_diffclip_name(args.model) and not Path(args.init).is_file():
         raise UsageError(f"--init {args.init} is not 'scratch' or a checkpoint file")
+
+
+def classifier_kwargs(args: argparse.Namespace, num_classes: int) -> dict:
+    """The flags as the keywords of :func:`diffclip.classifier.build_model` (the recipe stored in checkpoints)."""
+    return dict(model_name=args.model, num_classes=num_classes, drop_path_rate=args.drop_path,
+                img_size=args.img_size, in_chans=args.in_chans, patch_size=args.patch_size, embed_dim=args.embed_dim,
+                depth=args.depth, num_heads=args.num_heads, mlp_ratio=args.mlp_ratio,
+                qkv_bias=None if args.qkv_bias is None else bool(args.qkv_bias), lambda_init=args.lambda_init)
+
+
+def _augmentation(args: argparse.Namespace) -> dict:
+    return dict(randaug=args.randaug, hflip=args.hflip, scale=args.scale, reprob=args.reprob)
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -236,52 +258,82 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "f
     return {"loss": F.cross_entropy(logits, y).item(), **metrics}
 
 
+def _checkpoint_names(ckpt_dir: Path) -> list[Path]:
+    return [p for p in ckpt_dir.glob("*.pt") if p.name.startswith(("epoch_", "step_"))]
+
+
 def run(args: argparse.Namespace) -> dict:
-    """Trains and evaluates as described by ``args``; returns the final results dict (also in results.json)."""
+    """Trains and evaluates as described by ``args`` in the run folder ``args.output`` (locked for the run's
+    life); returns the final results dict (also in results.json)."""
+    out = Path(args.output)
+    check_writable(out / "results.json", "--output")
+    lock = RunLock(out, "another --output")
+    try:
+        if (out / "last.pt").exists() or (out / "log.jsonl").exists():
+            raise UsageError(f"--output {out} is a run folder of the older finetune (last.pt, log.jsonl), which this "
+                             "one cannot continue (its best.pt still loads for analysis): give another --output")
+        has_run = (out / "checkpoints").is_dir() or (out / "results.jsonl").exists()
+        if has_run and not args.resume:
+            raise UsageError(f"--output {out} holds a run already: pass --resume to continue it, or another --output")
+        if args.resume and not has_run:
+            raise UsageError(f"--resume: {out} holds no run to continue (no checkpoints/)")
+        return _train(args, out)
+    finally:
+        lock.release(remove_if_empty=True)
+
+
+def _train(args: argparse.Namespace, out: Path) -> dict:
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
-    from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
     t_start, cpu_start = time.time(), time.process_time()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    out = Path(args.output)
     progress = not args.no_progress
-
-    ckpt = None
-    if args.resume:
-        if not (out / "last.pt").is_file():
-            raise UsageError(f"--resume: no {out / 'last.pt'} to resume from")
-        try:
-            ckpt = torch_load(out / "last.pt")
-        except (OSError, ValueError) as e:
-            raise UsageError(f"--resume: {one_line(e)}") from None
-    elif (out / "last.pt").exists() or (out / "log.jsonl").exists():
-        raise UsageError(f"--output {out} holds a run already: pass --resume to continue it, or another --output")
-    check_writable(out / "results.json", "--output")
 
     seed_everything(args.seed)
     # Datasets first (the class count sizes the head); their transforms depend on the model, set after it.
     train_tf, eval_tf = _Deferred(), _Deferred()
     train_ds, eval_ds = build_datasets(args, train_tf, eval_tf)
     num_classes = len(eval_ds.classnames)
-    model, data_cfg = build_model(args, num_classes, load_init=ckpt is None)
-    train_tf.transform, eval_tf.transform = build_transforms(args, data_cfg)
     if len(train_ds.classnames) != num_classes:
         raise UsageError(f"train and eval splits disagree on the classes ({len(train_ds.classnames)} vs {num_classes})")
+    use_mixup = args.mixup > 0 or args.cutmix > 0
+    drop_last = use_mixup and len(train_ds) >= args.batch_size
+    steps = len(train_ds) // args.batch_size if drop_last else math.ceil(len(train_ds) / args.batch_size)
+    if steps == 0:
+        raise UsageError(f"the training split has fewer images ({len(train_ds)}) than one batch")
+    ckpt_dir = out / "checkpoints"
+    resume = (None, None)
+    if args.resume:
+        resume = find_loadable(ckpt_dir, steps) or (None, None)
+
+    recipe = classifier_kwargs(args, num_classes)
+    init = None if args.init == "scratch" or resume[1] is not None else args.init
+    try:
+        model, data_cfg = build_model(**recipe, init=init, mean=args.mean, std=args.std)
+    except (OSError, pickle.UnpicklingError) as e:
+        raise UsageError(f"--init {args.init}: {one_line(e)}") from None
+    train_tf.transform, eval_tf.transform = build_transforms(data_cfg, **_augmentation(args))
+    if resume[1] is not None:
+        try:
+            check_state_dict(model, resume[1]["state_dict"], source=f"checkpoint {resume[0].name} (written for "
+                             f"--model {resume[1].get('model_name')})")
+        except RuntimeError as e:
+            raise UsageError(f"--resume: {one_line(e)}") from None
     if args.cache:
         eval_ds = _cached(eval_ds, "eval", args.workers, progress)
-        if not random_train_transform(args):
+        if not random_train_transform(**_augmentation(args)):
             train_ds = _cached(train_ds, "train", args.workers, progress)
     cast_model(model.to(device), args.precision)
     n_params = count_params(model)
 
     mixup = None
-    if args.mixup > 0 or args.cutmix > 0:
+    if use_mixup:
         mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
                       num_classes=num_classes)
         criterion = SoftTargetCrossEntropy()
@@ -290,49 +342,80 @@ def run(args: argparse.Namespace) -> dict:
     else:
         criterion = nn.CrossEntropyLoss()
 
-    loader_kw = dict(num_workers=args.workers, persistent_workers=args.workers > 0)
+    # the training loader starts its workers afresh each epoch (seeded from the epoch's seed): a resumed epoch
+    # replays the same order and augmentations
     train_loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, shuffle=True,
-                                               drop_last=mixup is not None and len(train_ds) >= args.batch_size,
-                                               **loader_kw)
-    eval_loader = torch.utils.data.DataLoader(eval_ds, batch_size=max(args.batch_size, 256), shuffle=False, **loader_kw)
-    if len(train_loader) == 0:
-        raise UsageError(f"the training split has fewer images ({len(train_ds)}) than one batch")
+                                               drop_last=drop_last, num_workers=args.workers)
+    eval_loader = torch.utils.data.DataLoader(eval_ds, batch_size=max(args.batch_size, 256), shuffle=False,
+                                              num_workers=args.workers, persistent_workers=args.workers > 0)
+    assert len(train_loader) == steps
 
     opt_kw = {"layer_decay": args.layer_decay} if args.layer_decay else {}
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.wd, **opt_kw)
-    steps = len(train_loader)
     scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=args.epochs, min_lr=args.min_lr,
                                        warmup_lr=args.lr * 1e-3, warmup_epochs=args.warmup_epochs,
                                        step_on_epochs=False, updates_per_epoch=steps)
-    start_epoch, best_acc1, num_updates, prev_wall, prev_cpu = 0, -1.0, 0, 0.0, 0.0
-    if ckpt is not None:
+    scaler = torch.amp.GradScaler(device.type) if needs_grad_scaler(args.precision, device.type) else None
+    state = SimpleNamespace(model=model, optimizer=optimizer, scaler=scaler, step=0, epoch=0, args=args)
+    info = DistInfo(device=device)
+    # what the checkpoints carry beside the trainer's entries (the classifier recipe, as in best.pt)
+    run = {"best_acc1": -1.0, "metrics": None, "wall_time": 0.0, "cpu_time": 0.0, "epoch_loss": [0.0, 0]}
+    classifier = {"classifier": recipe, "num_classes": num_classes, "classnames": [str(c) for c in train_ds.classnames],
+                  "data_cfg": {k: list(v) if isinstance(v, tuple) else v for k, v in data_cfg.items()}}
+
+    # ---- the run folder: logs, and the checkpoint to continue from ----
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(logging.INFO, out / "out.log")
+    write_text(out / "params.txt", "".join(f"{k}: {v}\n" for k, v in sorted(vars(args).items())))
+    metrics_log = MetricsLogger(out / "results.jsonl", out / "tensorboard")
+    batches_done = 0
+    if resume[1] is not None:
         try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError):
-            raise UsageError(f"--resume: {out / 'last.pt'} was written for another model or optimizer "
-                             f"({ckpt.get('args', {}).get('model')}); use a new --output") from None
-        start_epoch, best_acc1 = ckpt["epoch"] + 1, ckpt["best_acc1"]
-        num_updates, prev_wall = ckpt["num_updates"], ckpt.get("wall_time", 0.0)
-        prev_cpu = ckpt.get("cpu_time", 0.0)
-        log.info("resuming %s after epoch %d", out / "last.pt", ckpt["epoch"] + 1)
+            batches_done = load_checkpoint(resume[0], state, info, resume[1])
+        except (ValueError, KeyError) as e:
+            raise UsageError(f"--resume: {resume[0]} was written with another optimizer ({one_line(e)}); use a new "
+                             "--output") from None
+        run.update({k: resume[1][k] for k in run})
+        scheduler.step_update(state.step)
+        metrics_log.log("resume", state.step, {}, epoch=state.epoch, batches_done=batches_done,
+                        checkpoint=str(resume[0]))
+    elif args.resume:
+        log.info("--resume: no checkpoint in %s yet: starting from scratch", ckpt_dir)
     log.info("%s: %s parameters, %s train / %s eval images, %d classes, %d epochs", args.model, f"{n_params:,}",
              f"{len(train_ds):,}", f"{len(eval_ds):,}", num_classes, args.epochs)
-    out.mkdir(parents=True, exist_ok=True)
 
-    writer = SummaryWriter(str(out / "tb"))
-    log_file = open(out / "log.jsonl", "a")
-    scaler = torch.amp.GradScaler(device.type) if needs_grad_scaler(args.precision, device.type) else None
+    saved = sorted(_checkpoint_names(ckpt_dir), key=lambda p: checkpoint_step(p, steps))
+    wall0, cpu0 = run["wall_time"], run["cpu_time"]
+
+    def run_wall() -> float:
+        return wall0 + time.time() - t_start
+
+    def run_cpu() -> float:
+        return cpu0 + time.process_time() - cpu_start
+
+    def save(name: str, batches: int, epoch: int) -> None:
+        """A checkpoint; the two newest are kept (a newest file that does not read falls back to the other)."""
+        path = ckpt_dir / name
+        run.update(wall_time=run_wall(), cpu_time=run_cpu())
+        save_checkpoint(path, state, batches, info, epoch=epoch, delete=saved[:-1], extra={**classifier, **run})
+        saved[:] = [p for p in saved[-1:] if p != path] + [path]
+
     autocast, input_dtype = get_autocast(args.precision, device.type), get_input_dtype(args.precision)
-    metrics = None
     try:
-        for epoch in range(start_epoch, args.epochs):
+        for epoch in range(state.epoch, args.epochs):
+            state.epoch = epoch
             t0 = time.time()
             seed_everything(args.seed * 1000 + epoch)  # data order / augmentation reproducible across resumes
             model.train()
-            tot, seen = 0.0, 0
-            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=not progress)
-            for x, y in bar:
+            batches = iter(train_loader)
+            if batches_done:  # inside the epoch: the same batches are drawn and passed over, then the generators
+                for _ in range(batches_done):  # are where the checkpoint left them
+                    next(batches)
+                set_rng_state(resume[1]["rng"][0])
+            run["epoch_loss"] = run["epoch_loss"] if batches_done else [0.0, 0]
+            bar = tqdm(batches, total=steps, initial=batches_done, desc=f"epoch {epoch + 1}/{args.epochs}",
+                       leave=False, disable=not progress)
+            for done, (x, y) in enumerate(bar, start=batches_done + 1):
                 x, y = x.to(device, dtype=input_dtype or x.dtype), y.to(device)
                 if mixup is not None and x.size(0) % 2 == 0:
                     x, y_t = mixup(x, y)
@@ -346,67 +429,44 @@ def run(args: argparse.Namespace) -> dict:
                 if not math.isfinite(loss.item()):
                     raise RunError(f"loss is {loss.item()} at epoch {epoch + 1}; lower --lr or use fp32")
                 optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                else:
-                    loss.backward()
-                if args.clip_grad:
-                    nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                num_updates += 1
-                scheduler.step_update(num_updates)
-                tot += loss.item() * x.size(0)
-                seen += x.size(0)
-                bar.set_postfix(loss=f"{tot / seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+                backward(loss, scaler)
+                optimizer_step(optimizer, scaler, args.clip_grad, model.parameters())
+                state.step += 1
+                scheduler.step_update(state.step)
+                run["epoch_loss"][0] += loss.item() * x.size(0)
+                run["epoch_loss"][1] += x.size(0)
+                bar.set_postfix(loss=f"{run['epoch_loss'][0] / run['epoch_loss'][1]:.4f}",
+                                lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+                if args.save_every_n_steps and state.step % args.save_every_n_steps == 0 and done < steps:
+                    save(f"step_{state.step}.pt", done, epoch)  # (the epoch's last step: the epoch's checkpoint)
+            batches_done = 0
             train_time = time.time() - t0
             metrics = evaluate(model, eval_loader, device, args.precision, progress)
-            is_best = metrics["acc1"] > best_acc1
-            best_acc1 = max(best_acc1, metrics["acc1"])
-            wall = prev_wall + time.time() - t_start
-            cpu = prev_cpu + time.process_time() - cpu_start
-            rec = {"epoch": epoch + 1, "train_loss": tot / seen, "lr": max(g["lr"] for g in optimizer.param_groups),
-                   "eval_loss": metrics["loss"], "acc1": metrics["acc1"], "acc5": metrics["acc5"],
-                   "best_acc1": best_acc1, "epoch_time": time.time() - t0, "train_time": train_time, "wall_time": wall,
-                   "cpu_time": cpu}
-            log_file.write(json.dumps(rec) + "\n")
-            log_file.flush()
-            for key in ("train_loss", "eval_loss", "acc1", "acc5", "lr"):
-                writer.add_scalar(key, rec[key], epoch + 1)
+            is_best = metrics["acc1"] > run["best_acc1"]
+            run.update(best_acc1=max(run["best_acc1"], metrics["acc1"]), metrics=metrics)
+            rec = {"train_loss": run["epoch_loss"][0] / run["epoch_loss"][1],
+                   "lr": max(g["lr"] for g in optimizer.param_groups), "eval_loss": metrics["loss"],
+                   "acc1": metrics["acc1"], "acc5": metrics["acc5"], "best_acc1": run["best_acc1"],
+                   "epoch_time": time.time() - t0, "train_time": train_time, "wall_time": run_wall(),
+                   "cpu_time": run_cpu()}
+            metrics_log.log("epoch", state.step, rec, epoch=epoch + 1)
             log.info("epoch %d/%d: train_loss %.4f eval_loss %.4f acc1 %.4f acc5 %.4f (%.1fs)", epoch + 1, args.epochs,
                      rec["train_loss"], metrics["loss"], metrics["acc1"], metrics["acc5"], rec["epoch_time"])
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "best_acc1": best_acc1, "num_updates": num_updates, "wall_time": wall, "cpu_time": cpu,
-                     "args": vars(args),
-                     "num_classes": num_classes, "classnames": [str(c) for c in train_ds.classnames],
-                     "data_cfg": {k: list(v) if isinstance(v, tuple) else v for k, v in data_cfg.items()},
-                     "metrics": metrics}
-            save_torch(out / "last.pt", state)
             if is_best:
-                save_torch(out / "best.pt", {k: v for k, v in state.items() if k != "optimizer"})
+                save_torch(out / "best.pt", {"state_dict": model.state_dict(), "model_name": args.model,
+                                             "epoch": epoch + 1, "metrics": metrics, **classifier})
+            save(f"epoch_{epoch + 1}.pt", 0, epoch + 1)
     finally:
-        log_file.close()
-        writer.close()
+        metrics_log.close()
 
-    if metrics is None:  # resumed a finished run: report the stored metrics
-        metrics = ckpt["metrics"]
+    metrics = run["metrics"]
     results = {"model": args.model, "init": args.init, "dataset": args.dataset, "acc1": metrics["acc1"],
-               "acc5": metrics["acc5"], "eval_loss": metrics["loss"], "best_acc1": best_acc1, "params": n_params,
-               "epochs": args.epochs, "seed": args.seed, "wall_time": _last_log(out).get("wall_time", 0.0),
-               "cpu_time": _last_log(out).get("cpu_time"), "train_images": len(train_ds), "eval_images": len(eval_ds),
+               "acc5": metrics["acc5"], "eval_loss": metrics["loss"], "best_acc1": run["best_acc1"],
+               "params": n_params, "epochs": args.epochs, "seed": args.seed, "wall_time": run["wall_time"],
+               "cpu_time": run["cpu_time"], "train_images": len(train_ds), "eval_images": len(eval_ds),
                "num_classes": num_classes, "args": vars(args)}
     write_json(out / "results.json", results)
     return results
-
-
-def _last_log(out: Path) -> dict:
-    """The last epoch record of log.jsonl (wall and CPU time of the whole run, resumes included)."""
-    lines = (out / "log.jsonl").read_text().splitlines()
-    return json.loads(lines[-1]) if lines else {}
 
 
 def main(argv: list[str] | None = None) -> int:

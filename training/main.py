@@ -15,10 +15,7 @@ from the newest at the exact step), ``tensorboard/`` and ``final_model/`` (``con
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
-import os
 import pickle
 import time
 from datetime import datetime
@@ -36,6 +33,7 @@ from diffclip.training.checkpoint import (
 )
 from diffclip.training.distributed import DistInfo, barrier, cleanup, init_distributed
 from diffclip.training.params import parse_args
+from diffclip.training.run_folder import RunLock
 from diffclip.training.train import (
     MetricsLogger,
     TrainState,
@@ -122,29 +120,6 @@ def check_shards(urls: list[str], flag: str) -> None:
     not_tar = [u for u in local if not tarfile.is_tarfile(u)]
     if not_tar:
         raise UsageError(f"{flag}: {len(not_tar)} of {len(urls)} files are not tar shards, e.g. {not_tar[0]}")
-
-
-class RunLock:
-    """An exclusive lock on a run folder for the run's life (``fcntl.flock`` on ``<run>/.lock``, holding the PID).
-    The kernel drops it when the process ends, however it ends, so a killed run never blocks ``--resume``."""
-
-    def __init__(self, run_dir: Path):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = run_dir / ".lock"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "another process"
-            os.close(self.fd)
-            raise UsageError(f"run folder {run_dir} is in use by the run of PID {holder}: wait for it, or give "
-                             "another --name") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
-
-    def release(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
 
 
 def build_data(args, info: DistInfo, preprocess_train, tokenizer):
@@ -241,15 +216,10 @@ def train(args) -> int:
     barrier(info)
     lock_error, lock = None, None
     if info.is_master:
-        created = not run_dir.exists()
         try:
-            lock = RunLock(run_dir)
+            lock = RunLock(run_dir, "another --name")
         except UsageError as e:
             lock_error = str(e)
-            if created:  # the folder was made here: leave nothing behind
-                with contextlib.suppress(OSError):
-                    (run_dir / ".lock").unlink()
-                    run_dir.rmdir()
     lock_error = _broadcast(lock_error, info)
     if lock_error:
         raise UsageError(lock_error)

@@ -28,8 +28,8 @@ from diffclip.metrics import retrieval_metrics
 
 from .distributed import DistInfo, all_reduce_mean
 
-__all__ = ["unwrap_model", "param_groups", "cosine_lr", "const_lr", "encode", "forward_backward",
-           "train_step", "TrainState", "train_one_epoch", "evaluate_val"]
+__all__ = ["unwrap_model", "param_groups", "cosine_lr", "const_lr", "encode", "backward", "optimizer_step",
+           "forward_backward", "train_step", "TrainState", "train_one_epoch", "evaluate_val"]
 
 log = logging.getLogger("diffclip.train")
 
@@ -96,11 +96,29 @@ def encode(model: nn.Module, images: torch.Tensor, texts: torch.Tensor) -> tuple
     return feats + ((out["logit_bias"].float(),) if "logit_bias" in out else ())
 
 
-def _backward(loss: torch.Tensor, scaler) -> None:
+def backward(loss: torch.Tensor, scaler=None) -> None:
+    """``loss.backward()``, through the grad scaler (fp16) when one is given."""
     if scaler is not None and scaler.is_enabled():
         scaler.scale(loss).backward()
     else:
         loss.backward()
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler=None, grad_clip_norm: float | None = None,
+                   params=None) -> None:
+    """The optimizer step after :func:`backward`: unscale (fp16 scaler), clip the gradient norm of ``params``
+    (default: the optimizer's) to ``grad_clip_norm``, step, update the scaler."""
+    use_scaler = scaler is not None and scaler.is_enabled()
+    if grad_clip_norm:
+        if use_scaler:
+            scaler.unscale_(optimizer)
+        params = [p for g in optimizer.param_groups for p in g["params"]] if params is None else params
+        torch.nn.utils.clip_grad_norm_(params, grad_clip_norm)
+    if use_scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
 
 
 def forward_backward(model: nn.Module, loss_fn: nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -130,7 +148,7 @@ def forward_backward(model: nn.Module, loss_fn: nn.Module, micro_batches: list[t
         images, texts = micro_batches[0]
         with autocast():
             loss = loss_fn(*encode(model, images, texts))
-        _backward(loss, scaler)
+        backward(loss, scaler)
         return loss.detach()
 
     with torch.no_grad(), autocast():
@@ -146,7 +164,7 @@ def forward_backward(model: nn.Module, loss_fn: nn.Module, micro_batches: list[t
                 all_img = torch.cat([c[0] for c in cached[:j]] + [img] + [c[0] for c in cached[j + 1:]])
                 all_txt = torch.cat([c[1] for c in cached[:j]] + [txt] + [c[1] for c in cached[j + 1:]])
                 loss = loss_fn(all_img, all_txt, *(s if last else s.detach() for s in scalars))
-            _backward(loss, scaler)
+            backward(loss, scaler)
     return loss.detach()
 
 
@@ -162,17 +180,7 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
     """
     optimizer.zero_grad(set_to_none=True)
     loss = forward_backward(model, loss_fn, micro_batches, autocast, scaler)
-    use_scaler = scaler is not None and scaler.is_enabled()
-    if grad_clip_norm is not None:
-        if use_scaler:
-            scaler.unscale_(optimizer)
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        torch.nn.utils.clip_grad_norm_(params, grad_clip_norm)
-    if use_scaler:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+    optimizer_step(optimizer, scaler, grad_clip_norm)
     clamp_logit_scale(unwrap_model(model).logit_scale)
     return loss
 
