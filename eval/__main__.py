@@ -24,7 +24,6 @@ PROGRAMS = {
     "run_suite": "a whole suite of tasks over one or more models, with tables",
     "report": "the paper's tables and figures from result files",
     "compare": "compare result files of two models",
-    "finetune": "train or fine-tune a (differential) ViT classifier",
     "visualize": "attention maps",
     "cka": "layer-wise CKA similarity of two models",
 }

@@ -116,7 +116,7 @@ def plot_matrix(matrix: list[list[float]], names_a: list[str], names_b: list[str
 
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(description="Linear CKA between all layers of two ViTs on a dataset.")
-    p.add_argument("--model-a", required=True, help="a checkpoint of eval/finetune.py or a diffclip name[@pretrained]")
+    p.add_argument("--model-a", required=True, help="a checkpoint of training/finetune.py or a diffclip name[@pretrained]")
     p.add_argument("--model-b", required=True, help="the second model (the same spec forms)")
     p.add_argument("--dataset", required=True, help="a dataset of eval.readers")
     p.add_argument("--data-root", default=None)

@@ -4,7 +4,7 @@ contrast; λ per layer.
 
 Examples::
 
-    # a Fashion-MNIST test image, a DiffViT trained by eval/finetune.py and its standard-ViT twin
+    # a Fashion-MNIST test image, a DiffViT trained by training/finetune.py and its standard-ViT twin
     python eval/visualize.py --checkpoint runs/fmnist/DiffViT/seed0/best.pt \\
         --contrast runs/fmnist/ViT/seed0/best.pt --dataset fashion-mnist \\
         --data-root /usr/share/datasets/fashion-mnist --index 0 --output docs/images/attention_fmnist.png
@@ -188,7 +188,7 @@ def _load_image(args, data_cfg):
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(description="Draw A1, A2 and A1 − λ·A2 of a differential ViT for one image.")
     p.add_argument("--checkpoint", required=True,
-                   help="a checkpoint of eval/finetune.py, or a diffclip model name[@pretrained] (its vision tower)")
+                   help="a checkpoint of training/finetune.py, or a diffclip model name[@pretrained] (its vision tower)")
     p.add_argument("--contrast", default=None, help="a second model (e.g. the standard-ViT twin) drawn below")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", help="an image file")
