@@ -105,7 +105,7 @@ def _register(prefix: str, attn_type: str, size: str, patch: int, img: int) -> N
     def create(pretrained: bool = False, **kwargs) -> VisionTransformer:
         if pretrained:
             raise InputError(f"{name}: no pretrained weights are registered; load a checkpoint with "
-                             "eval/finetune.py --init instead")
+                             "training/finetune.py --init instead")
         args = dict(_SIZES[size], patch_size=patch, attn_type=attn_type)
         args.update(kwargs)
         return build_model_with_cfg(vision_transformer, name, pretrained=False, **args)
