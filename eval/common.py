@@ -11,14 +11,16 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffclip.eval import readers
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from diffclip.cli import nonneg_int, positive_int
+from diffclip.cli import UsageError, nonneg_int, positive_int
 from diffclip.errors import InputError
 from diffclip.runtime import PRECISION_HELP, PRECISIONS, cast_model, get_input_dtype
 
@@ -29,13 +31,19 @@ def default_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--model, --pretrained, --device, --precision, --batch-size, --workers, --max-samples, --seed."""
+def add_model_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
+    """--model, --pretrained and :func:`add_run_args`'s flags (``seed=False``: without --seed)."""
     p.add_argument("--model", required=True, help="model config name (diffclip.list_models()) or hf-hub:org/repo")
     p.add_argument("--pretrained", default=None,
                    help="weights: a release tag (cc3m, cc12m), hf-hub:org/repo[/file], a directory with "
                         "model.safetensors, a checkpoint file (ours, the authors' checkpoint_best.pt, open_clip); "
                         "omit for random init")
+    add_run_args(p, seed)
+
+
+def add_run_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
+    """--device, --precision, --batch-size, --workers, --max-samples, --seed (unless ``seed=False``),
+    --no-progress, --verbose."""
     p.add_argument("--device", default="auto", help="auto (cuda if available, else mps, else cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS, help=PRECISION_HELP)
     p.add_argument("--batch-size", type=positive_int, default=64)
@@ -43,8 +51,38 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="data-loading processes (default: %(default)s = CPU cores, at most 8)")
     p.add_argument("--max-samples", type=positive_int, default=None,
                    help="evaluate on at most N samples per split, evenly spaced over the dataset (quick runs)")
-    p.add_argument("--seed", type=int, default=0)
+    if seed:
+        p.add_argument("--seed", type=int, default=0, help="seed of the run (a random-init model depends on it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true", help="debug logging")
+
+
+def dataset_name(task: str = "classification") -> Callable[[str], str]:
+    """An argparse type: a registered dataset name of ``task``, returned in its registry form (an unknown name is
+    a one-line flag error listing the known ones, before any other check)."""
+    def parse(text: str) -> str:
+        try:
+            readers.dataset_spec(text, task)
+        except InputError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return readers.canonical_name(text)
+    parse.__name__ = f"{task} dataset name"
+    return parse
+
+
+def parse_roots(items: list[str]) -> dict[str, str]:
+    """``--root NAME=PATH`` values as ``{registry name: path}``.
+
+    Raises:
+        UsageError: a value without ``=``.
+    """
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise UsageError(f"--root expects NAME=PATH, got {item!r}")
+        out[readers.canonical_name(name)] = path
+    return out
 
 
 def load_model(name: str, pretrained: str | None, device: torch.device, precision: str = "fp32"):
@@ -140,10 +178,16 @@ def result_record(dataset: str, model: str, pretrained: str | None, task: str, m
             "metrics": metrics, "language": language, **extra}
 
 
-def pretrained_fingerprint(pretrained: str | None) -> str:
-    """Identifies weights for cache keys: the argument, plus size and mtime when it names a local file/dir."""
+def weights_fingerprint(model: torch.nn.Module, pretrained: str | None) -> str:
+    """Identifies a model's weights for cache keys. Given ``pretrained``: the argument, plus size and mtime when it
+    names a local file or folder. A random-init model (``pretrained`` None): a hash of its parameters and buffers,
+    which depend on the seed it was built with."""
     if not pretrained:
-        return "random-init"
+        h = hashlib.sha256()
+        for name, t in model.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        return "random-init:" + h.hexdigest()[:24]
     p = Path(pretrained).expanduser()
     if p.is_dir():
         files = sorted(q for q in p.iterdir() if q.is_file())

@@ -14,7 +14,8 @@ training images per class (when there are any), the probe is fit on the k-shot s
 mean over seeds, with ``*_std`` (population std) beside them and every seed's values under ``per_seed``.
 
 Features are cached on disk (``--feature-cache``, keyed by model, weights, dataset, split, root, preprocessing,
-precision and sample limit), so sweeps and k-shot seeds reuse one extraction.
+precision and sample limit; a random-init model's weights by a hash of them, so each ``--seed`` has its own), so
+sweeps and k-shot seeds reuse one extraction.
 
 The DiffCLIP paper's protocol (``--protocol paper``, :mod:`diffclip.eval.protocols`, from El Banani et al. 2023):
 the linear probe with lgssl's cost search and metric (mean per-class accuracy for FGVC-Aircraft, Pets, Caltech-101,
@@ -48,19 +49,19 @@ from diffclip.eval.common import (
     cache_key,
     extract_image_features,
     limit,
-    load_model,
     make_loader,
     model_transform,
-    pretrained_fingerprint,
     result_record,
+    weights_fingerprint,
 )
 from diffclip.eval.protocols import MEAN_PER_CLASS_DATASETS, fewshot, paper_linear_probe
+from diffclip.eval.runner import run_program
 
-from diffclip.cli import ArgumentParser, UsageError, positive_float, positive_int, run, setup_logging, unit_interval
+from diffclip.cli import ArgumentParser, UsageError, positive_float, positive_int, run, unit_interval
 from diffclip.errors import InputError
-from diffclip.files import check_writable, write_bytes, write_json, write_text
+from diffclip.files import write_bytes, write_json, write_text
 from diffclip.metrics import classification_metrics
-from diffclip.runtime import get_autocast, resolve_device, seed_everything
+from diffclip.runtime import get_autocast
 
 log = logging.getLogger("diffclip.eval")
 TASK = "linear_probe"
@@ -97,7 +98,7 @@ def features(model, preprocess, dataset_name: str, root, split: str, *, model_na
     dataset = readers.build_dataset(dataset_name, root, split, None, download=download)
     path = None
     if cache_dir is not None:
-        key = cache_key(model=model_name, pretrained=pretrained_fingerprint(pretrained), dataset=dataset.name,
+        key = cache_key(model=model_name, weights=weights_fingerprint(model, pretrained), dataset=dataset.name,
                         split=split, root=str(readers.resolve_root(dataset_name, root).resolve()),
                         n=len(dataset), max_samples=max_samples, precision=precision, preprocess=repr(preprocess))
         path = Path(cache_dir).expanduser() / f"{dataset.name.replace('/', '_')}_{split}_{key}.npz"
@@ -281,8 +282,9 @@ def add_probe_args(p: argparse.ArgumentParser) -> None:
                                                        "fgvc-aircraft)")
     p.add_argument("--test-split", default=None, help="default: the dataset's evaluation split")
     p.add_argument("--fewshot-k", type=positive_int, default=None, help="k training images per class (k-shot probe)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="seeds of the k-shot draws (default 0 1 2) / of the validation split (default 0)")
+    p.add_argument("--seed", "--seeds", dest="seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="the seeds: the first builds a random-init model and draws the validation split (default "
+                        "0); with --fewshot-k, one k-shot draw each (default 0 1 2)")
     p.add_argument("--val-proportion", type=unit_interval, default=0.2, help="validation share of the training split")
     p.add_argument("--C", type=positive_float, default=None, help="fixed inverse regularisation (skips the sweep)")
     p.add_argument("--max-iter", type=positive_int, default=1000, help="L-BFGS iterations of the logistic regression")
@@ -296,25 +298,34 @@ def add_probe_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
                                 epilog="datasets: paper (the 9 sets), " + ", ".join(readers.list_datasets("classification")))
-    add_model_args(p)
+    add_model_args(p, seed=False)  # one seed flag: --seed/--seeds (add_probe_args)
     p.add_argument("--dataset", required=True, nargs="+", help="dataset name(s); 'paper' = the paper's 9 sets")
     p.add_argument("--data-root", default=None, help="dataset folder, or a root holding one folder per dataset")
     add_probe_args(p)
     p.add_argument("--output", default=None, help="result JSON; several datasets: a .jsonl file, or a name with "
                    "{dataset} (one file each)")
-    p.add_argument("--verbose", action="store_true")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
-    args.seeds = args.seeds or ([0, 1, 2] if args.fewshot_k else [0])
-    seed_everything(args.seeds[0])
-    names = [n for d in args.dataset for n in (PAPER_LINEAR_PROBE_DATASETS if d == "paper" else [d])]
+def _names(args: argparse.Namespace) -> list[str]:
+    return [n for d in args.dataset for n in (PAPER_LINEAR_PROBE_DATASETS if d == "paper" else [d])]
+
+
+def _outputs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    names = _names(args)
+    if not args.output:
+        return []
+    if len(names) > 1 and not (args.output.endswith(".jsonl") or "{dataset}" in args.output):
+        raise UsageError(f"--output {args.output}: {len(names)} datasets need a .jsonl file or a name with "
+                         "{dataset} (one record per file)")
+    return [("--output", args.output.replace("{dataset}", n.replace("/", "_"))) for n in names]
+
+
+def _inputs(args: argparse.Namespace) -> list[str]:
     if args.protocol == "paper" and args.fewshot_k:
         raise UsageError("--fewshot-k is the clip_benchmark protocol's k-shot probe; --protocol paper runs the "
                          "paper's few-shot episodes (--episodes)")
+    names = _names(args)
     for n in names:  # fail on a missing folder, or a folder without splits, before loading the model
         train_split, test_split = default_splits(n)
         train = readers.build_dataset(n, args.data_root, args.train_split or train_split, None,
@@ -324,31 +335,34 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"dataset {n!r} in {args.data_root}: the train and test splits are the same images (no "
                              f"{args.train_split or train_split}/ and {args.test_split or test_split}/ sub-folders); "
                              "a probe must not be scored on its training images")
-    device = resolve_device(args.device)
-    if args.output:
-        if len(names) > 1 and not (args.output.endswith(".jsonl") or "{dataset}" in args.output):
-            raise UsageError(f"--output {args.output}: {len(names)} datasets need a .jsonl file or a name with "
-                             "{dataset} (one record per file)")
-        for n in names:
-            check_writable(args.output.replace("{dataset}", n.replace("/", "_")), "--output")
-    model, preprocess, _ = load_model(args.model, args.pretrained, device, args.precision)
-    records = [evaluate_dataset(model, preprocess, n, args.data_root, model_name=args.model, pretrained=args.pretrained,
-                                device=device, precision=args.precision, batch_size=args.batch_size,
-                                workers=args.workers, max_samples=args.max_samples,
-                                max_train_samples=args.max_train_samples, train_split=args.train_split,
-                                test_split=args.test_split, fewshot_k=args.fewshot_k, seeds=args.seeds,
-                                val_proportion=args.val_proportion, C=args.C, max_iter=args.max_iter,
-                                cache_dir=None if args.no_cache else args.feature_cache,
-                                progress=not args.no_progress, download=args.download, protocol=args.protocol,
-                                episodes=args.episodes) for n in names]
+    return names
+
+
+def _evaluate(model, preprocess, tokenizer, names: list[str], args: argparse.Namespace, device) -> list[dict]:
+    return [evaluate_dataset(model, preprocess, n, args.data_root, model_name=args.model, pretrained=args.pretrained,
+                             device=device, precision=args.precision, batch_size=args.batch_size,
+                             workers=args.workers, max_samples=args.max_samples,
+                             max_train_samples=args.max_train_samples, train_split=args.train_split,
+                             test_split=args.test_split, fewshot_k=args.fewshot_k, seeds=args.seeds,
+                             val_proportion=args.val_proportion, C=args.C, max_iter=args.max_iter,
+                             cache_dir=None if args.no_cache else args.feature_cache,
+                             progress=not args.no_progress, download=args.download, protocol=args.protocol,
+                             episodes=args.episodes) for n in names]
+
+
+def _write(args: argparse.Namespace, records: list[dict]) -> None:
     if args.output and args.output.endswith(".jsonl"):
         write_text(args.output, "".join(json.dumps(r) + "\n" for r in records))
     elif args.output:
-        for n, r in zip(names, records):
+        for n, r in zip(_names(args), records):
             write_json(args.output.replace("{dataset}", n.replace("/", "_")), r)
     for r in records:
         print(json.dumps(r))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_program(build_parser(), argv, inputs=_inputs, evaluate=_evaluate, write=_write, outputs=_outputs,
+                       seed=lambda args: (args.seeds or [0])[0])
 
 
 def cli() -> None:

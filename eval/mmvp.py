@@ -29,6 +29,7 @@ from diffclip.eval.common import load_model, result_record
 
 from diffclip.cli import ArgumentParser, UsageError, positive_int, run, setup_logging
 from diffclip.errors import InputError
+from diffclip.factory import parse_model_spec
 from diffclip.files import check_writable, save_figure, write_json
 from diffclip.images import load_image
 from diffclip.runtime import PRECISION_HELP, PRECISIONS, get_autocast, get_input_dtype, resolve_device
@@ -106,6 +107,15 @@ def summarize(scored: list[dict]) -> dict:
     return {**acc, "average": sum(acc.values()) / len(acc)}
 
 
+def evaluate(model, preprocess, tokenizer, pairs: list[dict], *, model_name: str, pretrained: str | None, root,
+             device, precision: str = "fp32", progress: bool = True) -> tuple[dict, list[dict]]:
+    """The CLIP_benchmark record of MMVP-VLM (``metrics``: :func:`summarize`; ``root``; ``pairs``: their count) for
+    the ``pairs`` of :func:`read_pairs`, and the scored pairs (:func:`pair_scores`)."""
+    scored = pair_scores(model, preprocess, tokenizer, pairs, device, precision, progress=progress)
+    return result_record("mmvp_vlm", model_name, pretrained, TASK, summarize(scored), root=str(root),
+                         pairs=len(scored)), scored
+
+
 def radar_chart(results: dict[str, dict], path: str | Path, title: str) -> None:
     """One polygon per model (``results``: label -> per-pattern accuracy as from :func:`summarize`), in %."""
     import matplotlib
@@ -159,11 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         pairs = read_pairs(args.data_root)[: args.max_pairs]
         device = resolve_device(args.device)
         model, preprocess, tokenizer = load_model(args.model, args.pretrained, device, args.precision)
-        scored = pair_scores(model, preprocess, tokenizer, pairs, device, args.precision,
+        record, _ = evaluate(model, preprocess, tokenizer, pairs, model_name=args.model, pretrained=args.pretrained,
+                             root=args.data_root, device=device, precision=args.precision,
                              progress=not args.no_progress)
-        write_json(args.output, result_record("mmvp_vlm", args.model, args.pretrained, TASK, summarize(scored),
-                                              root=str(args.data_root), pairs=len(scored)))
-        print(json.dumps(summarize(scored)))
+        write_json(args.output, record)
+        print(json.dumps(record["metrics"]))
         return 0
     if not args.models or not args.output_dir:
         raise UsageError("give --models and --output-dir (or --model and --output for one model)")
@@ -176,15 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     results, summary = {}, {}
     for spec, label in zip(args.models, labels):
-        name, _, pretrained = spec.partition("@")
-        model, preprocess, tokenizer = load_model(name, pretrained or None, device, args.precision)
-        scored = pair_scores(model, preprocess, tokenizer, pairs, device, args.precision,
-                             progress=not args.no_progress)
-        acc = summarize(scored)
-        results[label] = acc
-        record = result_record("mmvp_vlm", name, pretrained, TASK, acc, label=label, pairs=len(scored),
-                               details=[{k: s[k] for k in ("qids", "pattern", "sims", "picks", "correct")}
-                                        for s in scored])
+        name, pretrained = parse_model_spec(spec)
+        model, preprocess, tokenizer = load_model(name, pretrained, device, args.precision)
+        record, scored = evaluate(model, preprocess, tokenizer, pairs, model_name=name, pretrained=pretrained,
+                                  root=args.data_root, device=device, precision=args.precision,
+                                  progress=not args.no_progress)
+        acc = results[label] = record["metrics"]
+        record.update(label=label, details=[{k: s[k] for k in ("qids", "pattern", "sims", "picks", "correct")}
+                                            for s in scored])
         write_json(out / f"mmvp_{label.replace('/', '_')}.json", record)
         summary[label] = {"model": name, "pretrained": pretrained, "metrics": acc}
         log.info("%s: MMVP-VLM average %.1f%% over %d pairs", label, 100 * acc["average"], len(scored))

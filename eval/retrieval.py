@@ -12,7 +12,6 @@ Embeddings are L2-normalised (cosine similarity); ties are broken by index (:mod
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 
@@ -23,16 +22,15 @@ from diffclip.eval.common import (
     encode_texts,
     extract_image_features,
     limit,
-    load_model,
     make_loader,
     model_transform,
     result_record,
 )
+from diffclip.eval.runner import run_program
 
-from diffclip.cli import ArgumentParser, positive_int, run, setup_logging
-from diffclip.files import check_writable, write_json
+from diffclip.cli import ArgumentParser, positive_int, run
 from diffclip.metrics import retrieval_metrics
-from diffclip.runtime import get_autocast, resolve_device, seed_everything
+from diffclip.runtime import get_autocast
 
 log = logging.getLogger("diffclip.eval")
 TASK = "zeroshot_retrieval"
@@ -59,6 +57,23 @@ def evaluate(model, tokenizer, dataset, *, device: torch.device, precision: str 
     return retrieval_metrics(image_emb, text_emb, torch.tensor(text_to_image), ks=ks, ranks=ranks)
 
 
+def evaluate_dataset(model, preprocess, tokenizer, dataset, *, model_name: str, pretrained: str | None,
+                     device: torch.device, precision: str = "fp32", batch_size: int = 64, workers: int = 0,
+                     max_samples: int | None = None, ks=(1, 5, 10), progress: bool = True) -> dict:
+    """The CLIP_benchmark record of retrieval on a reader retrieval ``dataset`` as built (its transform is set to
+    ``preprocess`` here; at most ``max_samples`` evenly spaced images): ``metrics`` (:func:`evaluate`), ``root`` and
+    ``per_sample`` (each query's hit at each k, 0/1, for a bootstrap over evaluation samples)."""
+    name = dataset.name
+    dataset = limit(readers.set_transform(dataset, model_transform(preprocess, precision)), max_samples)
+    log.info("retrieval %s: %d images, %d captions, with %s", name, len(dataset),
+             sum(len(c) for c in dataset.captions), model_name)
+    ranks: dict = {}
+    metrics = evaluate(model, tokenizer, dataset, device=device, precision=precision, batch_size=batch_size,
+                       workers=workers, ks=tuple(ks), progress=progress, ranks=ranks)
+    per_sample = {f"{d}_retrieval_recall@{k}": (ranks[d] < k).int().tolist() for d in ("image", "text") for k in ks}
+    return result_record(name, model_name, pretrained, TASK, metrics, root=dataset.root, per_sample=per_sample)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
                                 epilog="datasets: " + ", ".join(readers.list_datasets("retrieval")))
@@ -70,36 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotations", default=None, help="Karpathy split JSON (default: <root>/dataset_<name>.json)")
     p.add_argument("--recall-k", type=positive_int, nargs="+", default=[1, 5, 10])
     p.add_argument("--output", default=None, help="result JSON (CLIP_benchmark format), written atomically")
-    p.add_argument("--verbose", action="store_true")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
-    seed_everything(args.seed)
-    device = resolve_device(args.device)
-    if args.output:
-        check_writable(args.output, "--output")
+def _inputs(args: argparse.Namespace):
     options = {"annotations": args.annotations} if args.annotations else {}
-    dataset = readers.build_retrieval_dataset(args.dataset, args.data_root, args.split, None, **options)
-    name = dataset.name
-    model, preprocess, tokenizer = load_model(args.model, args.pretrained, device, args.precision)
-    dataset = limit(readers.set_transform(dataset, model_transform(preprocess, args.precision)), args.max_samples)
-    log.info("retrieval %s: %d images, %d captions, with %s", name, len(dataset),
-             sum(len(c) for c in dataset.captions), args.model)
-    ranks: dict = {}
-    metrics = evaluate(model, tokenizer, dataset, device=device, precision=args.precision, batch_size=args.batch_size,
-                       workers=args.workers, ks=tuple(args.recall_k), progress=not args.no_progress, ranks=ranks)
-    # per-query outcomes at each k (for a bootstrap over evaluation samples)
-    per_sample = {f"{d}_retrieval_recall@{k}": (ranks[d] < k).int().tolist() for d in ("image", "text")
-                  for k in args.recall_k}
-    record = result_record(name, args.model, args.pretrained, TASK, metrics, root=dataset.root, per_sample=per_sample)
-    if args.output:
-        write_json(args.output, record)
-        log.info("wrote %s", args.output)
-    print(json.dumps(record))
-    return 0
+    return readers.build_retrieval_dataset(args.dataset, args.data_root, args.split, None, **options)
+
+
+def _evaluate(model, preprocess, tokenizer, dataset, args: argparse.Namespace, device: torch.device) -> dict:
+    return evaluate_dataset(model, preprocess, tokenizer, dataset, model_name=args.model, pretrained=args.pretrained,
+                            device=device, precision=args.precision, batch_size=args.batch_size, workers=args.workers,
+                            max_samples=args.max_samples, ks=args.recall_k, progress=not args.no_progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_program(build_parser(), argv, inputs=_inputs, evaluate=_evaluate)
 
 
 def cli() -> None:

@@ -18,25 +18,18 @@ import json
 import logging
 
 import torch
-from diffclip.eval import readers
-from diffclip.eval.common import (
-    add_model_args,
-    limit,
-    load_model,
-    model_transform,
-    result_record,
-)
-from diffclip.eval.zeroshot import TASK, cached_classifier
-from diffclip.eval.zeroshot import evaluate as zeroshot_evaluate
+from diffclip.eval import readers, zeroshot
+from diffclip.eval.common import add_model_args, dataset_name, parse_roots
+from diffclip.eval.runner import run_program
 
-from diffclip.cli import ArgumentParser, run, setup_logging
+from diffclip.cli import ArgumentParser, run
 from diffclip.errors import InputError
-from diffclip.files import check_writable, write_json, write_text
-from diffclip.runtime import resolve_device, seed_everything
+from diffclip.files import write_json, write_text
 from diffclip.zero_shot import format_prompts
 
 log = logging.getLogger("diffclip.eval")
-DEFAULT_SHIFTS = ("imagenet-v2", "imagenet-a", "imagenet-r", "imagenet-sketch")
+#: the shift sets of the robustness evaluation (this program's default, run_suite.py's robustness rows)
+SHIFTS = ("imagenet-v2", "imagenet-a", "imagenet-r", "imagenet-sketch")
 
 
 def summarize(id_acc1: float | None, shift_acc1: dict[str, float]) -> dict:
@@ -80,87 +73,85 @@ def evaluate(model, preprocess, tokenizer, datasets: list[str], *, data_root=Non
                 log.warning("skipping %s: %s", name, e)
                 continue
             raise
-        ds = limit(readers.set_transform(ds, model_transform(preprocess, precision)), max_samples)
         if templates is not None:
             ds.templates = list(templates)
-        classifier = cached_classifier(shared, model, tokenizer, ds, device=device, precision=precision,
-                                       progress=progress)
-        metrics, _ = zeroshot_evaluate(model, tokenizer, ds, device=device, precision=precision,
-                                       batch_size=batch_size, workers=workers, classifier=classifier,
-                                       progress=progress)
-        records.append(result_record(ds.name, model_name, pretrained, TASK, metrics))
-        acc[ds.name] = metrics["acc1"]
-        log.info("%s: acc1 %.4f", ds.name, metrics["acc1"])
+        record, _ = zeroshot.evaluate_dataset(model, preprocess, tokenizer, ds, model_name=model_name,
+                                              pretrained=pretrained, device=device, precision=precision,
+                                              batch_size=batch_size, workers=workers, max_samples=max_samples,
+                                              classifiers=shared, progress=progress)
+        records.append(record)
+        acc[record["dataset"]] = record["metrics"]["acc1"]
+        log.info("%s: acc1 %.4f", record["dataset"], record["metrics"]["acc1"])
     if id_acc1 is None and in_distribution:
         id_acc1 = acc.pop(readers.dataset_spec(in_distribution).name, None)
     return records, summarize(id_acc1, acc)
 
 
-def _parse_roots(items: list[str]) -> dict[str, str]:
-    out = {}
-    for it in items:
-        if "=" not in it:
-            raise InputError(f"--root expects NAME=PATH, got {it!r}")
-        name, path = it.split("=", 1)
-        out[readers.canonical_name(name)] = path
-    return out
+def _reference_name(text: str) -> str:
+    return "none" if text.strip().lower() == "none" else dataset_name()(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     add_model_args(p)
-    p.add_argument("--datasets", nargs="+", default=list(DEFAULT_SHIFTS), help="shift sets (default: %(default)s)")
+    p.add_argument("--datasets", nargs="+", type=dataset_name(), default=list(SHIFTS),
+                   help="shift sets (default: %(default)s)")
     p.add_argument("--data-root", default=None, help="root holding each set in its usual folder")
     p.add_argument("--root", action="append", default=[], metavar="NAME=PATH", help="folder of one set")
-    p.add_argument("--in-distribution", default="imagenet1k", help="reference set ('none' to skip)")
+    p.add_argument("--in-distribution", type=_reference_name, default="imagenet1k",
+                   help="reference set ('none' to skip)")
     p.add_argument("--id-acc1", type=float, default=None, help="known in-distribution top-1 (skips evaluating it)")
     p.add_argument("--templates", default=None, help="file of prompt templates (one per line, with {}) used for "
                                                      "every set instead of the 80 OpenAI ImageNet templates")
     p.add_argument("--skip-missing", action="store_true", help="leave out sets whose folder is missing")
     p.add_argument("--output", default=None, help="JSON: {'results': [records], 'summary': {...}}")
     p.add_argument("--markdown", default=None, help="write the summary table as Markdown")
-    p.add_argument("--verbose", action="store_true")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
-    seed_everything(args.seed)
-    roots = _parse_roots(args.root)
+def _id_name(args: argparse.Namespace) -> str | None:
+    """The in-distribution set to evaluate (None: 'none', or its top-1 given with --id-acc1)."""
+    return None if args.in_distribution == "none" or args.id_acc1 is not None else args.in_distribution
+
+
+def _inputs(args: argparse.Namespace) -> dict:
+    roots = parse_roots(args.root)
     templates = None
     if args.templates:
         templates = readers.read_lines(args.templates)
         format_prompts(["x"], templates)  # checks: not empty, every template has {}
-    id_name = None if args.in_distribution.lower() == "none" else args.in_distribution
     if not args.skip_missing:  # fail fast on a missing folder
-        for n in ([id_name] if id_name and args.id_acc1 is None else []) + args.datasets:
-            readers.build_dataset(n, roots.get(readers.canonical_name(n), args.data_root), None, None)
-    device = resolve_device(args.device)
-    if args.output:
-        check_writable(args.output, "--output")
-    if args.markdown:
-        check_writable(args.markdown, "--markdown")
-    model, preprocess, tokenizer = load_model(args.model, args.pretrained, device, args.precision)
-    roots = {readers.canonical_name(k): v for k, v in roots.items()}
-    records, summary = evaluate(model, preprocess, tokenizer, [readers.canonical_name(d) for d in args.datasets],
-                                data_root=args.data_root, roots=roots,
-                                in_distribution=readers.canonical_name(id_name) if id_name else None,
-                                id_acc1=args.id_acc1, device=device, precision=args.precision,
-                                batch_size=args.batch_size, workers=args.workers, max_samples=args.max_samples,
-                                skip_missing=args.skip_missing, progress=not args.no_progress,
-                                model_name=args.model, pretrained=args.pretrained, templates=templates)
+        for n in ([_id_name(args)] if _id_name(args) else []) + args.datasets:
+            readers.build_dataset(n, roots.get(n, args.data_root), None, None)
+    return {"roots": roots, "templates": templates}
+
+
+def _evaluate(model, preprocess, tokenizer, inputs: dict, args: argparse.Namespace, device) -> dict:
+    id_name = None if args.in_distribution == "none" else args.in_distribution
+    records, summary = evaluate(model, preprocess, tokenizer, args.datasets, data_root=args.data_root,
+                                roots=inputs["roots"], in_distribution=id_name, id_acc1=args.id_acc1, device=device,
+                                precision=args.precision, batch_size=args.batch_size, workers=args.workers,
+                                max_samples=args.max_samples, skip_missing=args.skip_missing,
+                                progress=not args.no_progress, model_name=args.model, pretrained=args.pretrained,
+                                templates=inputs["templates"])
     if not summary["shifts"]:
         raise InputError("no shift set was evaluated")
-    out = {"model": args.model, "pretrained": args.pretrained or "", "results": records, "summary": summary}
-    table = markdown_table(summary, f"{args.model} {args.pretrained or ''}".strip())
+    return {"model": args.model, "pretrained": args.pretrained or "", "results": records, "summary": summary}
+
+
+def _write(args: argparse.Namespace, out: dict) -> None:
+    table = markdown_table(out["summary"], f"{args.model} {args.pretrained or ''}".strip())
     if args.output:
         write_json(args.output, out)
     if args.markdown:
         write_text(args.markdown, table)
     print(table)
-    print(json.dumps(summary))
-    return 0
+    print(json.dumps(out["summary"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_program(build_parser(), argv, inputs=_inputs, evaluate=_evaluate, write=_write,
+                       outputs=lambda args: [("--output", args.output), ("--markdown", args.markdown)])
 
 
 def cli() -> None:

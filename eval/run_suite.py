@@ -31,21 +31,15 @@ from pathlib import Path
 
 import torch
 from diffclip.eval import linear_probe, mmvp, readers, report, retrieval, zeroshot
-from diffclip.eval.common import (
-    default_workers,
-    limit,
-    load_model,
-    model_transform,
-    result_record,
-)
+from diffclip.eval.common import add_run_args, load_model, parse_roots
+from diffclip.eval.robustness import SHIFTS
 
-from diffclip.cli import ArgumentParser, nonneg_int, positive_int, run, setup_logging
+from diffclip.cli import ArgumentParser, positive_int, run, setup_logging
 from diffclip.errors import InputError
 from diffclip.files import check_writable, write_json, write_text
-from diffclip.runtime import PRECISION_HELP, PRECISIONS, resolve_device, seed_everything
+from diffclip.runtime import resolve_device, seed_everything
 
 log = logging.getLogger("diffclip.eval")
-SHIFTS = ("imagenet-v2", "imagenet-a", "imagenet-r", "imagenet-sketch")
 RETRIEVAL = ("flickr30k", "flickr8k", "mscoco")
 SUITES: dict[str, list[tuple[str, str]]] = {
     "local": [("zeroshot", "fashion-mnist"), ("zeroshot", "emoji-twitter"), ("zeroshot", "emoji-google"),
@@ -80,40 +74,26 @@ def suite_tasks(suite: str, fewshot_k: int | None = None) -> list[tuple[str, str
 
 def run_task(task: str, name: str, model, preprocess, tokenizer, *, model_name: str, pretrained: str | None,
              root, args, device, classifiers: dict) -> dict:
-    """One CLIP_benchmark record for ``task`` on dataset ``name`` (``classifiers`` caches zero-shot heads)."""
-    progress = not args.no_progress
+    """One CLIP_benchmark record for ``task`` on dataset ``name``: the dataset read, then the task program's own
+    ``evaluate_dataset`` / ``evaluate`` (``classifiers`` caches zero-shot heads across datasets)."""
+    options = dict(model_name=model_name, pretrained=pretrained, device=device, precision=args.precision,
+                   progress=not args.no_progress)
+    loading = dict(batch_size=args.batch_size, workers=args.workers, max_samples=args.max_samples)
     if task in ("zeroshot", "robustness"):
-        ds = readers.build_dataset(name, root, None, None)
-        ds = limit(readers.set_transform(ds, model_transform(preprocess, args.precision)), args.max_samples)
-        classifier = zeroshot.cached_classifier(classifiers, model, tokenizer, ds, device=device,
-                                                precision=args.precision, progress=progress)
-        metrics, _ = zeroshot.evaluate(model, tokenizer, ds, device=device, precision=args.precision,
-                                       batch_size=args.batch_size, workers=args.workers, classifier=classifier,
-                                       progress=progress)
-        return result_record(ds.name, model_name, pretrained, zeroshot.TASK, metrics)
+        return zeroshot.evaluate_dataset(model, preprocess, tokenizer, readers.build_dataset(name, root),
+                                         classifiers=classifiers, **loading, **options)[0]
     if task == "retrieval":
-        ds = readers.build_retrieval_dataset(name, root, None, None)
-        ds = limit(readers.set_transform(ds, model_transform(preprocess, args.precision)), args.max_samples)
-        metrics = retrieval.evaluate(model, tokenizer, ds, device=device, precision=args.precision,
-                                     batch_size=args.batch_size, workers=args.workers, progress=progress)
-        return result_record(ds.name, model_name, pretrained, retrieval.TASK, metrics)
+        return retrieval.evaluate_dataset(model, preprocess, tokenizer, readers.build_retrieval_dataset(name, root),
+                                          **loading, **options)
     if task == "mmvp":
         folder = Path(root or ".") / "MMVP_VLM" if not (Path(root or ".") / "Questions.csv").is_file() else Path(root)
-        scored = mmvp.pair_scores(model, preprocess, tokenizer, mmvp.read_pairs(folder), device, args.precision,
-                                  progress=progress)
-        return result_record("mmvp_vlm", model_name, pretrained, mmvp.TASK, mmvp.summarize(scored), pairs=len(scored))
+        return mmvp.evaluate(model, preprocess, tokenizer, mmvp.read_pairs(folder), root=folder, **options)[0]
     if task in ("linear_probe", "fewshot"):
-        if task == "linear_probe" and args.suite == "paper":
-            return linear_probe.evaluate_dataset(
-                model, preprocess, name, root, model_name=model_name, pretrained=pretrained, device=device,
-                precision=args.precision, batch_size=args.batch_size, workers=args.workers,
-                max_samples=args.max_samples, cache_dir=None if args.no_cache else args.feature_cache,
-                progress=progress, protocol="paper")
+        paper = task == "linear_probe" and args.suite == "paper"
         return linear_probe.evaluate_dataset(
-            model, preprocess, name, root, model_name=model_name, pretrained=pretrained, device=device,
-            precision=args.precision, batch_size=args.batch_size, workers=args.workers,
-            max_samples=args.max_samples, fewshot_k=args.fewshot_k if task == "fewshot" else None,
-            cache_dir=None if args.no_cache else args.feature_cache, progress=progress)
+            model, preprocess, name, root, fewshot_k=args.fewshot_k if task == "fewshot" else None,
+            protocol="paper" if paper else "clip_benchmark", seeds=[args.seed] if task == "linear_probe" else None,
+            cache_dir=None if args.no_cache else args.feature_cache, **loading, **options)
     raise InputError(f"unknown task {task!r}")
 
 
@@ -192,18 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="root holding each dataset in its usual folder")
     p.add_argument("--root", action="append", default=[], metavar="NAME=PATH", help="folder of one dataset")
     p.add_argument("--output-dir", default="results", help="writes suite_<suite>.md and suite_<suite>.json")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help=PRECISION_HELP)
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--workers", type=nonneg_int, default=default_workers())
-    p.add_argument("--max-samples", type=positive_int, default=None, help="at most N samples per split (quick runs)")
+    add_run_args(p)
     p.add_argument("--fewshot-k", type=positive_int, default=None, help="add k-shot probes of the linear-probe sets")
     p.add_argument("--feature-cache", default="~/.cache/diffclip/features")
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--strict", action="store_true", help="fail on a missing dataset instead of skipping it")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--verbose", action="store_true")
     return p
 
 
@@ -216,12 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     pretrained = [None if (p or "").lower() in ("", "none") else p for p in args.pretrained] or [None] * len(args.model)
     models = list(zip(args.model, pretrained))
     labels = model_labels(models)
-    roots = {}
-    for it in args.root:
-        if "=" not in it:
-            raise InputError(f"--root expects NAME=PATH, got {it!r}")
-        k, v = it.split("=", 1)
-        roots[readers.canonical_name(k)] = v
+    roots = parse_roots(args.root)
     tasks = suite_tasks(args.suite, args.fewshot_k)
     device = resolve_device(args.device)
     check_writable(Path(args.output_dir) / f"suite_{args.suite}.json", "--output-dir")

@@ -10,7 +10,7 @@ files override them), see :func:`diffclip.zero_shot.build_zero_shot_classifier`;
 
 from __future__ import annotations
 
-import argparse  # noqa: F401 - annotations
+import argparse
 import json
 import logging
 import time
@@ -18,15 +18,16 @@ from pathlib import Path
 
 import torch
 from diffclip.eval import readers
-from diffclip.eval.common import add_model_args, limit, load_model, make_loader, model_transform, result_record
+from diffclip.eval.common import add_model_args, limit, make_loader, model_transform, result_record
+from diffclip.eval.runner import run_program
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from diffclip.cli import ArgumentParser, one_line, run, setup_logging
+from diffclip.cli import ArgumentParser, one_line, run
 from diffclip.errors import InputError
-from diffclip.files import check_writable, write_bytes, write_json
+from diffclip.files import write_bytes
 from diffclip.metrics import classification_metrics, rank_of
-from diffclip.runtime import get_autocast, resolve_device, seed_everything
+from diffclip.runtime import get_autocast
 from diffclip.zero_shot import build_zero_shot_classifier, zero_shot_predict
 
 log = logging.getLogger("diffclip.eval")
@@ -113,6 +114,35 @@ def evaluate(model, tokenizer, dataset, *, device: torch.device, precision: str 
     return classification_metrics(logits, targets), used
 
 
+def evaluate_dataset(model, preprocess, tokenizer, dataset, *, model_name: str, pretrained: str | None,
+                     device: torch.device, precision: str = "fp32", batch_size: int = 64, workers: int = 0,
+                     max_samples: int | None = None, classifier: torch.Tensor | None = None,
+                     classifiers: dict | None = None, progress: bool = True) -> tuple[dict, torch.Tensor]:
+    """The CLIP_benchmark record of zero-shot classification on a reader ``dataset`` as built (its transform is set
+    to ``preprocess`` here; at most ``max_samples`` evenly spaced images), and the classifier used.
+
+    ``classifier`` (D, C): a given one (e.g. loaded with :func:`load_classifier`); else, with ``classifiers``, the
+    one of :func:`cached_classifier` (shared by datasets with the same classes); else one built for ``dataset``.
+    The record holds ``metrics`` (:func:`evaluate`), ``root`` and ``per_sample`` (each image's top-1 / top-5 hit,
+    0/1, for a bootstrap over evaluation samples).
+
+    Raises:
+        ValueError: a classifier whose class count does not fit, labels beyond it, an empty dataset.
+    """
+    dataset = limit(readers.set_transform(dataset, model_transform(preprocess, precision)), max_samples)
+    if classifier is None and classifiers is not None:
+        classifier = cached_classifier(classifiers, model, tokenizer, dataset, device=device, precision=precision,
+                                       progress=progress)
+    log.info("zero-shot %s (%s split, %d images, %d classes) with %s", dataset.name, dataset.split, len(dataset),
+             len(dataset.classnames), model_name)
+    ranks: dict = {}
+    metrics, used = evaluate(model, tokenizer, dataset, device=device, precision=precision, batch_size=batch_size,
+                             workers=workers, classifier=classifier, progress=progress, ranks=ranks)
+    per_sample = {"acc1": (ranks["target"] < 1).int().tolist(), "acc5": (ranks["target"] < 5).int().tolist()}
+    return result_record(dataset.name, model_name, pretrained, TASK, metrics, root=dataset.root,
+                         per_sample=per_sample), used
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
                                 epilog="datasets: " + ", ".join(readers.list_datasets("classification")))
@@ -128,44 +158,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", default=None, help="use a saved classifier (safetensors) instead of building it")
     p.add_argument("--save-classifier", default=None, help="save the classifier (safetensors) for reuse")
     p.add_argument("--output", default=None, help="result JSON (CLIP_benchmark format), written atomically")
-    p.add_argument("--verbose", action="store_true")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
-    seed_everything(args.seed)
-    device = resolve_device(args.device)
-    for flag in ("output", "save_classifier"):
-        if getattr(args, flag):
-            check_writable(getattr(args, flag), "--" + flag.replace("_", "-"))
+def _inputs(args: argparse.Namespace):
     if args.classifier and not Path(args.classifier).is_file():
         raise FileNotFoundError(f"--classifier {args.classifier}: no such file")
-    # the dataset is checked before the model is built, so a missing folder fails fast
-    dataset = readers.build_dataset(args.dataset, args.data_root, args.split, None, download=args.download,
-                                    classnames=args.classnames, templates=args.templates)
-    model, preprocess, tokenizer = load_model(args.model, args.pretrained, device, args.precision)
-    dataset = limit(readers.set_transform(dataset, model_transform(preprocess, args.precision)), args.max_samples)
+    return readers.build_dataset(args.dataset, args.data_root, args.split, None, download=args.download,
+                                 classnames=args.classnames, templates=args.templates)
+
+
+def _evaluate(model, preprocess, tokenizer, dataset, args: argparse.Namespace, device: torch.device):
     classifier = None
     if args.classifier:
         classifier = load_classifier(args.classifier, len(dataset.classnames), model.embed_dim)
-    log.info("zero-shot %s (%s split, %d images, %d classes) with %s", dataset.name, dataset.split, len(dataset),
-             len(dataset.classnames), args.model)
-    ranks: dict = {}
-    metrics, used = evaluate(model, tokenizer, dataset, device=device, precision=args.precision,
-                             batch_size=args.batch_size, workers=args.workers, classifier=classifier,
-                             progress=not args.no_progress, ranks=ranks)
+    record, used = evaluate_dataset(model, preprocess, tokenizer, dataset, model_name=args.model,
+                                    pretrained=args.pretrained, device=device, precision=args.precision,
+                                    batch_size=args.batch_size, workers=args.workers, max_samples=args.max_samples,
+                                    classifier=classifier, progress=not args.no_progress)
     if args.save_classifier:
         save_classifier(args.save_classifier, used, dataset.classnames, args.model)
-    per_sample = {"acc1": (ranks["target"] < 1).int().tolist(), "acc5": (ranks["target"] < 5).int().tolist()}
-    record = result_record(dataset.name, args.model, args.pretrained, TASK, metrics, root=dataset.root,
-                           per_sample=per_sample)  # per-image outcomes, for a bootstrap over evaluation samples
-    if args.output:
-        write_json(args.output, record)
-        log.info("wrote %s", args.output)
-    print(json.dumps(record))
-    return 0
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_program(build_parser(), argv, inputs=_inputs, evaluate=_evaluate,
+                       outputs=lambda args: [("--output", args.output), ("--save-classifier", args.save_classifier)])
 
 
 def cli() -> None:
