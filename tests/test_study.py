@@ -1,9 +1,12 @@
-"""training/study.py on a 2-model x 2-seed micro-study (real shards of scikit-learn digit images, real torchrun
-training runs of a few steps, real evaluations): killed mid-way and rerun, it finishes without redoing what was
-done, and the summary is rebuilt from the result files alone."""
+"""training/study.py, the sweep driver: a 2-model x 2-seed micro-study of CLIP trainings (real shards of
+scikit-learn digit images, real torchrun training runs of a few steps, real evaluations) killed mid-way and rerun
+finishes without redoing what was done, and the summary is rebuilt from the result files alone; a finetune study
+of two tiny ViTs gives the table over seeds and resumes an interrupted run; the study file and every job's flags
+are checked before any job runs."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,10 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from diffclip.training.study import load_study, plan
+from diffclip.training.study import check_flags, load_study, plan, to_flags
 from diffclip.training.study_report import paired_bootstrap, paired_test
 from PIL import Image
 from sklearn.datasets import load_digits
+
+from diffclip.cli import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "zero one two three four five six seven eight nine".split()
@@ -42,6 +47,32 @@ def study_file(tmp_path_factory):
                   "args": {"dataset": "csv", "data-root": str(d / "captions.csv"), "workers": 0}}],
     }
     path = d / "micro.json"
+    path.write_text(json.dumps(study))
+    return path
+
+
+@pytest.fixture(scope="module")
+def digits_folder(tmp_path_factory) -> Path:
+    """400 scikit-learn digits (8 x 8) as <root>/{train,test}/<digit>/*.png (300 / 100)."""
+    root = tmp_path_factory.mktemp("digits")
+    digits = load_digits()
+    for i in range(400):
+        folder = root / ("test" if i < 100 else "train") / str(digits.target[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((digits.images[i] * 15).astype(np.uint8), "L").save(folder / f"{i}.png")
+    return root
+
+
+def _finetune_study(path: Path, data: Path, **extra) -> Path:
+    """Two tiny ViTs (differential and standard, one 8 x 8 digit = 4 patches of 4 px) for 1 epoch, 2 seeds."""
+    tiny = {"embed-dim": 16, "depth": 1, "mlp-ratio": 1}
+    study = {"name": "tiny_vits", "program": "finetune", "output": str(path.parent / "out"), "seeds": [0, 1],
+             "train": {"dataset": "folder", "data-root": str(data), "img-size": 8, "in-chans": 1, "patch-size": 4,
+                       "num-heads": 2, "epochs": 1, "batch-size": 32, "lr": 3e-3, "warmup-epochs": 0,
+                       "workers": 0, "threads": 1},
+             "models": [{"label": "DiffViT", "reference": 50.0, "args": {"model": "diff_vit_nano_patch4_28", **tiny}},
+                        {"label": "ViT twin", "twin": "equal width", "args": {"model": "std_vit_nano_patch4_28",
+                                                                              **tiny}}], **extra}
     path.write_text(json.dumps(study))
     return path
 
@@ -125,3 +156,81 @@ def test_bad_study_file_is_one_line(tmp_path):
                        text=True)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 1 and len(lines) == 1 and "baseline 'B'" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_to_flags():
+    assert to_flags({"batch_size": 64, "no-progress": True, "cache": False, "init": None, "scale": [0.8, 1],
+                     "mean": (0.5,)}) == ["--batch-size", "64", "--no-progress", "--scale", "0.8", "1", "--mean", "0.5"]
+
+
+def test_finetune_study_table_and_resume(digits_folder, tmp_path):
+    path = _finetune_study(tmp_path / "tiny.json", digits_folder)
+    p = _driver(path, "--jobs", "2")
+    stdout, stderr = p.communicate(timeout=600)
+    assert p.returncode == 0, stderr[-3000:]
+    out = tmp_path / "out"
+    table = json.loads((out / "table.json").read_text())
+    assert [r["label"] for r in table["rows"]] == ["DiffViT", "ViT twin"]
+    assert table["runs_trained"] == 4 and table["runs_reused"] == 0 and table["failures"] == []
+    for row, folder in zip(table["rows"], ("DiffViT", "ViT_twin")):  # every number comes from the runs' results
+        res = [json.loads((out / "runs" / f"{folder}-seed{s}" / "results.json").read_text()) for s in (0, 1)]
+        assert row["acc1"] == [r["acc1"] for r in res] and row["params"] == res[0]["params"]
+        assert row["acc1_std"] == pytest.approx(np.std(row["acc1"], ddof=1))
+        assert row["attn"] == ("diff" if folder == "DiffViT" else "standard")
+        assert (out / "runs" / f"{folder}-seed0" / "checkpoints").is_dir()  # the trainer's run-folder layout
+    diff = table["rows"][0]
+    cell = f"{100 * diff['acc1_mean']:.2f} ± {100 * diff['acc1_std']:.2f} | 50.00 |"
+    assert cell in stdout and cell in (out / "table.md").read_text()
+
+    # a finished study has nothing left to do; a run with checkpoints and no results.json was interrupted: it is
+    # continued with --resume (finetune's own tests show that a resumed run ends with the same weights)
+    assert all(j["status"] == "done" for j in plan(load_study(path)))
+    (out / "runs" / "ViT_twin-seed1" / "results.json").unlink()
+    jobs = {j["name"]: j for j in plan(load_study(path))}
+    assert [n for n, j in jobs.items() if j["status"] != "done"] == ["ViT_twin-seed1"]
+    assert jobs["ViT_twin-seed1"]["status"] == "resume" and jobs["ViT_twin-seed1"]["argv"][-1] == "--resume"
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(digits_folder, tmp_path, capsys):
+    from diffclip.training.study import main
+
+    path = _finetune_study(tmp_path / "tiny.json", digits_folder)
+    assert main([str(path), "--dry-run", "--seeds", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(ln.startswith("[   new] finetune") for ln in lines)
+    assert "DiffViT-seed1: " in lines[0] and "training/finetune.py --dataset folder" in lines[0]
+    assert "--seed 1 --output" in lines[0] and "--no-progress" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"epochs": 3}, "unknown key(s) epochs"),
+    ({"seeds": "0"}, "'seeds' must be a list"),
+    ({"models": [{"label": "A", "args": {"model": "diff_vit_nano_patch4_28"}, "colour": "red"}]},
+     "models[0]: unknown key(s) colour"),
+    ({"models": [{"label": "A", "args": {"model": {"name": "x"}}}]}, "flag 'model' must be a string"),
+    ({"program": "pretrain"}, "'program' must be one of main, finetune"),
+    ({"eval": [{"name": "zs", "program": "zeroshot"}]}, "a finetune study reports"),
+    ({"train": {"dataset": "folder", "epochs": "ten"}}, "job DiffViT-seed0: argument --epochs: invalid int value"),
+    ({"train": {"dataset": "folder", "epohcs": 3}}, "job DiffViT-seed0: unrecognized arguments: --epohcs 3"),
+])
+def test_bad_study_is_refused_before_any_job(digits_folder, tmp_path, change, message):
+    from diffclip.training.study import main
+
+    path = _finetune_study(tmp_path / "bad.json", digits_folder, **change)
+    with pytest.raises(UsageError, match=re.escape(message)):
+        main([str(path), "--no-progress"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_study_files_of_the_repository():
+    """Every study file in studies/ follows the schema and plans its jobs; the flags of those whose data is on
+    this machine pass their programs' parsers."""
+    paths = sorted((ROOT / "studies").glob("*.json"))
+    assert {p.stem for p in paths} >= {"emoji_clipart", "fashion_mnist_40k"}
+    for path in paths:
+        study = load_study(path, output="/nonexistent/study")
+        jobs = plan(study)
+        assert len(jobs) == len(study["shards"]) + len(study["models"]) * len(study["seeds"]) * (1 + len(study["eval"]))
+        if path.stem in ("emoji_clipart", "fashion_mnist_40k") and Path("/usr/share/datasets/fashion-mnist").is_dir():
+            check_flags(jobs)

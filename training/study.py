@@ -1,32 +1,49 @@
-"""The ablation study in one command: every model x seed of a study file trained (torchrun training/main.py),
-evaluated with the evaluation programs, and summarised with mean ± std over seeds and, for each difference to the
-baseline, a paired test over seeds.
+"""The sweep driver: every model x seed of a study file trained (``torchrun training/main.py`` or
+``training/finetune.py``), evaluated with the evaluation programs, and summarised over seeds.
 
     python training/study.py studies/emoji_clipart.json            # or: make study
     python training/study.py studies/emoji_clipart.json --dry-run  # the plan: what is done, resumed, new
-    python training/study.py studies/emoji_clipart.json --report-only   # tables from the result files alone
+    python training/study.py studies/emoji_clipart.json --report-only   # the summary from the result files alone
+    python training/study.py studies/fashion_mnist_40k.json --seeds 0 --jobs 1
 
 A study file (JSON) holds::
 
-    {"name": "emoji_clipart", "output": "study_out/emoji_clipart",
-     "shards": [{"name": "noto", "args": {"source": "noto-emoji", "input": "data/sources/...", ...}}],
-     "models": ["CLIP-Tiny-64", "DiffCLIP-Tiny-64"], "baseline": "CLIP-Tiny-64", "seeds": [0, 1, 2],
-     "nproc": 1, "train": {"train-data": "{out}/shards/noto", "epochs": 3, ...},   # training/main.py flags
+    {"name": "emoji_clipart",                     # required; also the default output folder study_out/<name>
+     "description": "...", "output": "study_out/emoji_clipart", "data": "what the models saw, for titles",
+     "program": "main",                           # "main" (torchrun training/main.py, the default) or "finetune"
+     "models": ["CLIP-Tiny-64", "DiffCLIP-Tiny-64"],      # or {"label": ..., "args": {flags}, "attn": ...,
+                                                          #     "twin": ..., "reference": top-1 %}
+     "baseline": "CLIP-Tiny-64", "seeds": [0, 1, 2],      # required: models, seeds
+     "nproc": 1,                                  # processes per training run (main)
+     "shards": [{"name": "noto", "args": {"source": "noto-emoji", ...}}],     # make_shards.py flags
+     "train": {"train-data": "{out}/shards/noto", "epochs": 3, ...},          # the training program's flags
      "eval": [{"name": "zs_twitter", "program": "zeroshot", "args": {"dataset": "emoji-twitter", ...},
-               "metrics": ["acc1"]}]}                                           # diffclip-eval programs' flags
+               "metrics": ["acc1"]}]}                                         # diffclip-eval programs (main only)
 
-``{out}`` in any value is the study's output folder; other relative paths are taken from the current folder. Layout of the output: ``shards/<name>`` (make_shards.py; kept
-when its ``sizes.json`` exists), ``runs/<model>-seed<k>`` (a training run folder; a run with ``final_model/`` is
-finished and skipped, one without is continued with ``--resume latest``), ``results/<model>/seed<k>/<eval>.json``
-(CLIP_benchmark records; an existing one is not recomputed), ``logs/`` (each job's output) and ``study.json`` /
-``study.md`` (the summary). A rerun after an interruption therefore redoes only what was not finished.
+A model given as a string is ``{"label": name, "args": {"model": name}}``; a model's ``args`` override ``train``.
+Flags are written as in a shell without the dashes (``"batch-size": 64``; ``_`` is read as ``-``); ``true`` is a
+bare flag, ``false`` and ``null`` leave it out, a list gives several values. ``{out}`` in any value is the study's
+output folder; other relative paths are taken from the current folder. The whole file, each job's flags included
+(parsed by the job's own program), is checked before any job runs.
+
+Layout of the output: ``shards/<name>`` (kept when its ``sizes.json`` exists), ``runs/<label>-seed<k>`` (a run
+folder; a run with ``final_model/`` (main) or ``results.json`` (finetune) is finished and skipped, one with
+checkpoints is continued with ``--resume``), ``results/<label>/seed<k>/<eval>.json`` (CLIP_benchmark records; an
+existing one is not recomputed), ``logs/`` (each job's output), and the summary: ``study.json`` / ``study.md`` and
+``report/`` for trainer studies, ``table.json`` / ``table.md`` for finetune studies
+(:mod:`diffclip.training.study_report`). A rerun after an interruption therefore redoes only what was not finished.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import importlib.util
+import io
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -34,11 +51,50 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from diffclip.cli import ArgumentParser, UsageError, positive_int, run, setup_logging
-from diffclip.errors import RunError
+from diffclip.errors import DiffclipError, RunError
 
 log = logging.getLogger("diffclip.study")
 ROOT = Path(__file__).resolve().parents[1]
-REQUIRED = ("name", "models", "seeds", "train", "eval")
+FLAG_VALUE = (str, int, float, bool, type(None))
+#: key -> (type(s), required) of a study file and of its entries
+STUDY_KEYS = {"name": (str, True), "description": (str, False), "output": (str, False), "data": (str, False),
+              "program": (str, False), "models": (list, True), "baseline": (str, False), "seeds": (list, True),
+              "nproc": (int, False), "shards": (list, False), "train": (dict, False), "eval": (list, False)}
+MODEL_KEYS = {"label": (str, True), "args": (dict, False), "attn": (str, False), "twin": (str, False),
+              "reference": ((int, float, type(None)), False)}
+SHARD_KEYS = {"name": (str, True), "args": (dict, True)}
+EVAL_KEYS = {"name": (str, True), "program": (str, True), "args": (dict, False), "metrics": (list, False)}
+#: the training programs: study "program" -> the script and the module whose parse_args / build_parser reads its flags
+TRAINERS = {"main": ("main.py", "diffclip.training.params"), "finetune": ("finetune.py", "diffclip.training.finetune")}
+
+
+def _check_keys(obj, spec: dict, where: str) -> None:
+    if not isinstance(obj, dict):
+        raise UsageError(f"{where}: expected an object, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - set(spec))
+    if unknown:
+        raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(spec)}")
+    for key, (kind, required) in spec.items():
+        if key not in obj:
+            if required:
+                raise UsageError(f"{where}: missing {key!r}")
+        elif not isinstance(obj[key], kind) or (isinstance(obj[key], bool) and kind in (int, float)):
+            raise UsageError(f"{where}: {key!r} must be {_type_name(kind)}, got {json.dumps(obj[key])}")
+
+
+def _type_name(kind) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object",
+             type(None): "null"}
+    return " or ".join(names[k] for k in kinds)
+
+
+def _check_flags(args: dict, where: str) -> None:
+    for key, value in args.items():
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, FLAG_VALUE) and not isinstance(v, list) for v in values):
+            raise UsageError(f"{where}: flag {key!r} must be a string, number, true/false, null or a list of them, "
+                             f"got {json.dumps(value)}")
 
 
 def _fill(value, out: Path):
@@ -51,11 +107,18 @@ def _fill(value, out: Path):
     return value
 
 
+def slug(label: str) -> str:
+    """A label as a folder name: ``"DiffCLIP-B/16 tower (CC12M)"`` -> ``"DiffCLIP-B_16_tower_CC12M"``."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
+
+
 def load_study(path: str | os.PathLike, output: str | None = None) -> dict:
-    """Reads and checks a study file; ``{out}`` placeholders are filled with the output folder.
+    """Reads and checks a study file (the schema in this module's docstring). Models come back as
+    ``{"label", "args", "attn", "twin", "reference"}``; ``{out}`` placeholders are filled with the output folder.
 
     Raises:
-        UsageError: a missing or unparsable file, a missing key, a baseline not among the models, duplicate names.
+        UsageError: a missing or unparsable file, an unknown key, a value of the wrong type, a missing key, a
+            baseline that is not a model, duplicate labels or evaluation names (one line naming the file).
     """
     p = Path(path)
     if not p.is_file():
@@ -64,79 +127,165 @@ def load_study(path: str | os.PathLike, output: str | None = None) -> dict:
         study = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise UsageError(f"study file {path}: not JSON (line {e.lineno}: {e.msg})") from None
-    missing = [k for k in REQUIRED if not isinstance(study, dict) or k not in study]
-    if missing:
-        raise UsageError(f"study file {path}: missing {', '.join(missing)}")
+    where = f"study file {path}"
+    _check_keys(study, STUDY_KEYS, where)
+    program = study.setdefault("program", "main")
+    if program not in TRAINERS:
+        raise UsageError(f"{where}: 'program' must be one of {', '.join(TRAINERS)}, got {program!r}")
     if not study["models"] or not study["seeds"]:
-        raise UsageError(f"study file {path}: 'models' and 'seeds' must not be empty")
-    if len(set(study["models"])) != len(study["models"]):
-        raise UsageError(f"study file {path}: a model is listed twice")
-    study.setdefault("baseline", study["models"][0])
-    if study["baseline"] not in study["models"]:
-        raise UsageError(f"study file {path}: baseline {study['baseline']!r} is not one of the models")
-    names = [e.get("name") for e in study["eval"]]
-    if any(not n or "program" not in e for n, e in zip(names, study["eval"])) or len(set(names)) != len(names):
-        raise UsageError(f"study file {path}: every eval entry needs a unique 'name' and a 'program'")
+        raise UsageError(f"{where}: 'models' and 'seeds' must not be empty")
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in study["seeds"]):
+        raise UsageError(f"{where}: 'seeds' must be a list of integers, got {json.dumps(study['seeds'])}")
+    if study.setdefault("nproc", 1) < 1:
+        raise UsageError(f"{where}: 'nproc' must be >= 1, got {study['nproc']}")
+    _check_flags(study.setdefault("train", {}), f"{where}: train")
+    models = []
+    for i, m in enumerate(study["models"]):
+        m = {"label": m, "args": {"model": m}} if isinstance(m, str) else m
+        _check_keys(m, MODEL_KEYS, f"{where}: models[{i}]")
+        m = {"args": {}, "attn": None, "twin": "", "reference": None, **m}
+        _check_flags(m["args"], f"{where}: models[{i}].args")
+        if "model" not in m["args"] and "model" not in study["train"]:
+            raise UsageError(f"{where}: models[{i}] ({m['label']}) names no model: give args.model or train.model")
+        models.append(m)
+    labels = [m["label"] for m in models]
+    if len({slug(x) for x in labels}) != len(labels) or not all(map(slug, labels)):
+        raise UsageError(f"{where}: a model label is listed twice (or two labels make the same folder name)")
+    study["models"] = models
+    study.setdefault("baseline", labels[0])
+    if study["baseline"] not in labels:
+        raise UsageError(f"{where}: baseline {study['baseline']!r} is not one of the models")
+    for key, spec in (("shards", SHARD_KEYS), ("eval", EVAL_KEYS)):
+        for i, entry in enumerate(study.setdefault(key, [])):
+            _check_keys(entry, spec, f"{where}: {key}[{i}]")
+            _check_flags(entry.get("args", {}), f"{where}: {key}[{i}].args")
+        names = [e["name"] for e in study[key]]
+        if len(set(names)) != len(names):
+            raise UsageError(f"{where}: two {key} entries are named alike")
+    for i, e in enumerate(study["eval"]):
+        if importlib.util.find_spec(f"diffclip.eval.{e['program']}") is None:
+            raise UsageError(f"{where}: eval[{i}]: unknown program {e['program']!r}")
+    if study["eval"] and program != "main":
+        raise UsageError(f"{where}: 'eval' evaluates CLIP models trained by training/main.py; a {program} study "
+                         "reports its runs' results.json")
     out = Path(output or study.get("output") or f"study_out/{study['name']}").absolute()
     study = _fill(study, out)
     study["output"] = str(out)
     return study
 
 
+def select(study: dict, labels: list[str] | None = None, seeds: list[int] | None = None) -> dict:
+    """The study restricted to some models (by label) and/or seeds; the baseline becomes the first model kept
+    when it is not among them.
+
+    Raises:
+        UsageError: a label that is not a model of the study."""
+    if labels:
+        known = [m["label"] for m in study["models"]]
+        unknown = [x for x in labels if x not in known]
+        if unknown:
+            raise UsageError(f"--models: unknown label(s) {unknown}; the study has {known}")
+        study = {**study, "models": [m for m in study["models"] if m["label"] in labels]}
+        if study["baseline"] not in labels:
+            study["baseline"] = study["models"][0]["label"]
+    if seeds:
+        study = {**study, "seeds": list(dict.fromkeys(seeds))}
+    return study
+
+
 def to_flags(args: dict) -> list[str]:
-    """``{"batch-size": 64, "no-progress": True}`` -> ``["--batch-size", "64", "--no-progress"]`` (False: left out,
-    a list: several values)."""
+    """``{"batch_size": 64, "no-progress": True, "scale": [0.8, 1]}`` ->
+    ``["--batch-size", "64", "--no-progress", "--scale", "0.8", "1"]``: ``_`` in a name is ``-``, ``True`` a bare
+    flag, ``False`` and ``None`` leave the flag out, a list or tuple gives several values."""
     flags = []
     for key, value in args.items():
         if value is False or value is None:
             continue
-        flags.append(f"--{key}")
+        flags.append("--" + key.replace("_", "-"))
         if value is not True:
-            flags += [str(v) for v in value] if isinstance(value, list) else [str(value)]
+            flags += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
     return flags
 
 
-def run_name(model: str, seed: int) -> str:
-    return f"{model}-seed{seed}"
+def run_name(label: str, seed: int) -> str:
+    return f"{slug(label)}-seed{seed}"
+
+
+def _train_job(study: dict, m: dict, seed: int, needs: list[str]) -> dict:
+    out, name = Path(study["output"]), run_name(m["label"], seed)
+    run_dir = out / "runs" / name
+    script, parser = TRAINERS[study["program"]]
+    args = {**study["train"], **m["args"], "seed": seed}
+    if study["program"] == "main":
+        done = run_dir / "final_model" / "model.safetensors"
+        started, resume = run_dir.is_dir(), ["--resume", "latest"]
+        flags = to_flags({**args, "logs-dir": str(out / "runs"), "name": name})
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                  str(study["nproc"]), str(ROOT / "training" / script)]
+    else:
+        done = run_dir / "results.json"
+        started, resume = (run_dir / "checkpoints").is_dir() or (run_dir / "results.jsonl").is_file(), ["--resume"]
+        flags = to_flags({**args, "output": str(run_dir), "no-progress": True})
+        launch = [sys.executable, str(ROOT / "training" / script)]
+    status = "done" if done.is_file() else "resume" if started else "new"
+    flags += resume if status == "resume" else []
+    return {"kind": study["program"], "name": name, "argv": [*launch, *flags], "flags": flags, "parser": parser,
+            "needs": needs, "output": done, "status": status, "label": m["label"], "seed": seed, "run_dir": run_dir}
 
 
 def plan(study: dict) -> list[dict]:
     """The jobs of a study in order: shards, then per model x seed a training job followed by its evaluations.
-    Each job: ``kind``, ``name``, ``argv``, ``status`` (``done``, ``resume`` or ``new``), ``needs`` (a job name),
-    ``output`` (what exists when it is done)."""
+    Each job: ``kind`` (``shards``, ``main``, ``finetune``, ``eval``), ``name``, ``argv``, ``status`` (``done``,
+    ``resume`` or ``new``), ``needs`` (job names), ``output`` (what exists when it is done), ``label`` and ``seed``
+    (training and evaluation jobs), ``flags`` and ``parser`` (the module that reads the flags)."""
     out = Path(study["output"])
     jobs = []
-    for s in study.get("shards", []):
+    for s in study["shards"]:
         dest = out / "shards" / s["name"]
-        argv = [sys.executable, str(ROOT / "training" / "make_shards.py"),
-                *to_flags({**s["args"], "output": str(dest), "no-progress": True})]
-        jobs.append({"kind": "shards", "name": f"shards/{s['name']}", "argv": argv, "needs": None,
-                     "output": dest / "sizes.json", "status": "done" if (dest / "sizes.json").is_file() else "new"})
+        flags = to_flags({**s["args"], "output": str(dest), "no-progress": True})
+        jobs.append({"kind": "shards", "name": f"shards/{s['name']}", "needs": [], "output": dest / "sizes.json",
+                     "argv": [sys.executable, str(ROOT / "training" / "make_shards.py"), *flags], "flags": flags,
+                     "parser": "diffclip.training.make_shards",
+                     "status": "done" if (dest / "sizes.json").is_file() else "new"})
     shard_jobs = [j["name"] for j in jobs]
-    nproc = int(study.get("nproc", 1))
-    for model in study["models"]:
+    for m in study["models"]:
         for seed in study["seeds"]:
-            name = run_name(model, seed)
-            run_dir = out / "runs" / name
-            final = run_dir / "final_model" / "model.safetensors"
-            status = "done" if final.is_file() else "resume" if run_dir.is_dir() else "new"
-            flags = to_flags({**study["train"], "model": model, "seed": seed, "logs-dir": str(out / "runs"),
-                              "name": name})
-            if status == "resume":
-                flags += ["--resume", "latest"]
-            argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-                    str(ROOT / "training" / "main.py"), *flags]
-            jobs.append({"kind": "train", "name": name, "argv": argv, "needs": shard_jobs, "output": final,
-                         "status": status, "model": model, "seed": seed, "nproc": nproc})
+            train = _train_job(study, m, seed, shard_jobs)
+            jobs.append(train)
             for e in study["eval"]:
-                dest = out / "results" / model / f"seed{seed}" / f"{e['name']}.json"
-                args = {**e.get("args", {}), "model": model, "pretrained": str(run_dir / "final_model"),
-                        "output": str(dest), "no-progress": True}
-                argv = [sys.executable, "-m", "diffclip.eval", e["program"], *to_flags(args)]
-                jobs.append({"kind": "eval", "name": f"{name}/{e['name']}", "argv": argv, "needs": [name],
-                             "output": dest, "status": "done" if dest.is_file() else "new", "model": model,
-                             "seed": seed})
+                dest = out / "results" / slug(m["label"]) / f"seed{seed}" / f"{e['name']}.json"
+                flags = to_flags({**e.get("args", {}), "model": {**study["train"], **m["args"]}["model"],
+                                  "pretrained": str(train["run_dir"] / "final_model"), "output": str(dest),
+                                  "no-progress": True})
+                jobs.append({"kind": "eval", "name": f"{train['name']}/{e['name']}", "needs": [train["name"]],
+                             "argv": [sys.executable, "-m", "diffclip.eval", e["program"], *flags], "flags": flags,
+                             "parser": f"diffclip.eval.{e['program']}", "output": dest, "eval": e["name"],
+                             "status": "done" if dest.is_file() else "new", "label": m["label"], "seed": seed})
     return jobs
+
+
+def check_flags(jobs: list[dict]) -> None:
+    """Parses every job's flags with its own program's parser (``parse_args``, else ``build_parser()``), so a
+    misspelt flag or a bad value stops the study before any job runs. Programs with neither are not checked.
+
+    Raises:
+        UsageError: the first job whose flags its program refuses, with the program's one-line reason."""
+    for job in jobs:
+        module = importlib.import_module(job["parser"])
+        parse = getattr(module, "parse_args", None)
+        if parse is None and hasattr(module, "build_parser"):
+            parse = module.build_parser().parse_args
+        if parse is None:
+            continue
+        stderr = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(stderr):
+                parse(job["flags"])
+        except SystemExit:
+            reason = [ln for ln in stderr.getvalue().splitlines() if ln.strip()][-1:] or ["refused"]
+            raise UsageError(f"job {job['name']}: {reason[0].split('error: ', 1)[-1]}") from None
+        except DiffclipError as e:
+            raise UsageError(f"job {job['name']}: {e}") from None
 
 
 def _execute(job: dict, log_dir: Path, threads: int) -> None:
@@ -149,8 +298,7 @@ def _execute(job: dict, log_dir: Path, threads: int) -> None:
         rc = subprocess.call(job["argv"], stdout=f, stderr=subprocess.STDOUT, env=env)
     if rc != 0 or not Path(job["output"]).exists():
         lines = [ln for ln in log_file.read_text().splitlines() if ln.strip()]
-        raise RunError(f"{job['name']} failed (exit {rc}): {lines[-1] if lines else '(no output)'}; "
-                           f"see {log_file}")
+        raise RunError(f"{job['name']} failed (exit {rc}): {lines[-1] if lines else '(no output)'}; see {log_file}")
 
 
 def execute(study: dict, jobs: list[dict], n_jobs: int = 1, progress: bool = True) -> list[str]:
@@ -160,7 +308,7 @@ def execute(study: dict, jobs: list[dict], n_jobs: int = 1, progress: bool = Tru
 
     out = Path(study["output"])
     todo = [j for j in jobs if j["status"] != "done"]
-    threads = max(1, (os.cpu_count() or 1) // max(1, n_jobs * int(study.get("nproc", 1))))
+    threads = max(1, (os.cpu_count() or 1) // max(1, n_jobs * study["nproc"]))
     failures: list[str] = []
     bar = tqdm(total=len(todo), desc=study["name"], unit="job", disable=not progress, file=sys.stderr)
     for job in [j for j in todo if j["kind"] == "shards"]:
@@ -173,15 +321,15 @@ def execute(study: dict, jobs: list[dict], n_jobs: int = 1, progress: bool = Tru
                 t0 = time.time()
                 _execute(job, out / "logs", threads)
                 log.info("%s: done in %.1f min", job["name"], (time.time() - t0) / 60)
-            except RuntimeError as e:
+            except RunError as e:
                 failures.append(str(e))
                 log.error("%s", e)
-                if job["kind"] == "train":
+                if job["kind"] != "eval":
                     bar.update(sum(1 for j in todo if j["needs"] == [name]) + 1)
                     return
             bar.update(1)
 
-    names = list(dict.fromkeys(j["name"] if j["kind"] == "train" else j["needs"][0]
+    names = list(dict.fromkeys(j["needs"][0] if j["kind"] == "eval" else j["name"]
                                for j in todo if j["kind"] != "shards"))
     with ThreadPoolExecutor(max_workers=n_jobs) as pool:
         list(pool.map(chain, names))
@@ -193,6 +341,8 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="Train and evaluate every model x seed of a study file, then summarise it.")
     p.add_argument("study", help="study file (JSON), e.g. studies/emoji_clipart.json")
     p.add_argument("--output", default=None, help="output folder (default: the study's 'output')")
+    p.add_argument("--models", nargs="+", default=None, metavar="LABEL", help="only these models of the study")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="only these seeds (default: the study's)")
     p.add_argument("--jobs", type=positive_int, default=1, help="model x seed chains run at once")
     p.add_argument("--dry-run", action="store_true", help="print the plan (status and command of every job)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the summary from the result files")
@@ -203,12 +353,15 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    study = load_study(args.study, args.output)
+    study = select(load_study(args.study, args.output), args.models, args.seeds)
     jobs = plan(study)
-    if args.dry_run:
+    if args.dry_run:  # the plan, then whether every job's program takes its flags
         for j in jobs:
-            print(f"[{j['status']:>6}] {j['kind']:<6} {j['name']}: {' '.join(j['argv'])}")
+            print(f"[{j['status']:>6}] {j['kind']:<8} {j['name']}: {' '.join(j['argv'])}")
+        check_flags(jobs)
         return 0
+    if not args.report_only:
+        check_flags(jobs)
     from diffclip.training.study_report import write_summary
 
     failures = []
@@ -218,7 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("study %s: %d jobs, %d to run, %d in parallel -> %s", study["name"], len(jobs), todo, args.jobs,
                  study["output"])
         failures = execute(study, jobs, args.jobs, progress=not args.no_progress)
-    summary = write_summary(study, wall_time=time.time() - t0 if not args.report_only else None)
+    run_info = None if args.report_only else {"wall_time": time.time() - t0, "jobs": args.jobs, "failures": failures,
+                                               "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])}
+    summary = write_summary(study, jobs, run_info)
     print(summary["markdown"])
     if failures:
         raise RunError(f"{len(failures)} job(s) failed; first: {failures[0]}")

@@ -4,7 +4,9 @@ two-sided paired t-test over seeds (scipy.stats.ttest_rel; needs >= 2 seeds) and
 per-sample outcomes (``per_sample``), a paired bootstrap over the evaluation samples (:func:`paired_bootstrap`), so
 the table says which differences are beyond seed noise (p < 0.05) and beyond sampling noise (a 95 % interval
 without 0); then the paper's tables and figures (:mod:`diffclip.eval.report`, first model =
-the baseline of Figure 1) in ``<output>/report``."""
+the baseline of Figure 1) in ``<output>/report``. A finetune study's summary is its table (:func:`finetune_rows`):
+per model the parameters, top-1 over seeds (mean ± std) beside a reference value, top-5 and time per run, from
+the runs' ``results.json``."""
 
 from __future__ import annotations
 
@@ -16,16 +18,17 @@ from pathlib import Path
 from diffclip.files import write_json, write_text
 
 
-def collect(study: dict) -> dict:
-    """``{eval name: {model: {seed: record}}}`` of the result files present."""
-    out = Path(study["output"]) / "results"
+def labels(study: dict) -> list[str]:
+    return [m["label"] for m in study["models"]]
+
+
+def collect(jobs: list[dict]) -> dict:
+    """``{eval name: {label: {seed: record}}}`` of the evaluation jobs' result files present."""
     found: dict = {}
-    for e in study["eval"]:
-        for model in study["models"]:
-            for seed in study["seeds"]:
-                path = out / model / f"seed{seed}" / f"{e['name']}.json"
-                if path.is_file():
-                    found.setdefault(e["name"], {}).setdefault(model, {})[seed] = json.loads(path.read_text())
+    for j in jobs:
+        if j["kind"] == "eval" and Path(j["output"]).is_file():
+            found.setdefault(j["eval"], {}).setdefault(j["label"], {})[j["seed"]] = json.loads(
+                Path(j["output"]).read_text())
     return found
 
 
@@ -75,7 +78,7 @@ def summarise(study: dict, found: dict) -> list[dict]:
                                           for k, v in r["metrics"].items() if isinstance(v, (int, float))})
         for key in keys:
             row = {"eval": e["name"], "metric": key, "models": {}}
-            for model in study["models"]:
+            for model in labels(study):
                 runs = per_model.get(model, {})
                 vals = {s: runs[s]["metrics"][key] for s in study["seeds"] if s in runs and key in runs[s]["metrics"]}
                 if not vals:
@@ -99,7 +102,7 @@ def summarise(study: dict, found: dict) -> list[dict]:
 
 
 def markdown(study: dict, rows: list[dict]) -> str:
-    models, base = study["models"], study["baseline"]
+    models, base = labels(study), study["baseline"]
     head = ["evaluation", "metric", *models]
     lines = [f"Study `{study['name']}`: mean ± std over seeds {study['seeds']}; Δ vs {base} (mean paired "
              "difference), * where the paired t-test over seeds gives p < 0.05, ‡ where the 95 % interval of a "
@@ -126,15 +129,63 @@ def markdown(study: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_summary(study: dict, wall_time: float | None = None) -> dict:
-    """Writes ``study.json`` and ``study.md`` in the study's output folder (atomically) and returns the summary."""
+def finetune_rows(study: dict, jobs: list[dict]) -> list[dict]:
+    """Per model of a finetune study, from its runs' ``results.json``: parameters, top-1 per seed and its mean and
+    std (n-1), top-5 and best top-1 means, mean wall and CPU time per run, and the model's ``reference``."""
+    rows = []
+    for m in study["models"]:
+        rs = [json.loads(Path(j["output"]).read_text()) for j in jobs
+              if j["kind"] == "finetune" and j["label"] == m["label"] and Path(j["output"]).is_file()]
+        if not rs:
+            continue
+        model = m["args"].get("model") or study["train"]["model"]
+        acc1 = [r["acc1"] for r in rs]
+        rows.append({
+            "label": m["label"], "attn": m["attn"] or ("diff" if "diff" in model.lower() else "standard"),
+            "twin": m["twin"], "model": model, "params": rs[0]["params"], "seeds": [r["seed"] for r in rs],
+            "acc1": acc1, "acc1_mean": statistics.fmean(acc1), "acc1_std": statistics.stdev(acc1) if len(rs) > 1 else 0.0,
+            "acc5_mean": statistics.fmean(r["acc5"] for r in rs),
+            "best_acc1_mean": statistics.fmean(r["best_acc1"] for r in rs), "epochs": rs[0]["epochs"],
+            "time_mean": statistics.fmean(r["wall_time"] for r in rs),
+            "cpu_time_mean": statistics.fmean(r["cpu_time"] for r in rs) if all(r.get("cpu_time") for r in rs) else None,
+            "reference": m["reference"]})
+    return rows
+
+
+def finetune_markdown(rows: list[dict]) -> str:
+    """The finetune table: one row per model, top-1 mean ± std over seeds beside the ``reference`` column (when a
+    model has one) and the per-seed values, in %."""
+    if not rows:
+        return "(no finished runs)"
+    has_ref = any(r["reference"] is not None for r in rows)
+    head = ["model", "attention", "twin", "params", "top-1 % (mean ± std)", *(["reference"] if has_ref else []),
+            "top-5 %", "per seed", "epochs", "time / run", "CPU time / run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        ref = [f"{r['reference']:.2f}" if r["reference"] is not None else ""] if has_ref else []
+        cells = [r["label"], r["attn"], r["twin"], f"{r['params']:,}",
+                 f"{100 * r['acc1_mean']:.2f} ± {100 * r['acc1_std']:.2f}", *ref, f"{100 * r['acc5_mean']:.2f}",
+                 " / ".join(f"{100 * a:.2f}" for a in r["acc1"]), str(r["epochs"]), f"{r['time_mean'] / 60:.1f} min",
+                 f"{r['cpu_time_mean'] / 60:.1f} min" if r["cpu_time_mean"] else "n/a"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_summary(study: dict, jobs: list[dict], run_info: dict | None = None) -> dict:
+    """Writes the summary of a study from its result files (atomically) and returns it: ``table.json`` /
+    ``table.md`` for a finetune study, ``study.json`` / ``study.md`` and the paper's report (``report/``, two or
+    more models with results) otherwise. ``run_info`` (``wall_time`` in s, ``jobs``, ``failures``, ``command``) is
+    that of the driver's call; None for a summary rebuilt from the files alone."""
     out = Path(study["output"])
-    found = collect(study)
+    if study["program"] == "finetune":
+        return _write_table(study, jobs, run_info)
+    found = collect(jobs)
     rows = summarise(study, found)
-    summary = {"study": study["name"], "models": study["models"], "baseline": study["baseline"],
-               "seeds": study["seeds"], "rows": rows, "wall_time_s": wall_time, "markdown": markdown(study, rows)}
+    summary = {"study": study["name"], "models": labels(study), "baseline": study["baseline"],
+               "seeds": study["seeds"], "rows": rows, "wall_time_s": run_info and run_info["wall_time"],
+               "markdown": markdown(study, rows)}
     per_model = {m: [(seed, rec) for runs in found.values() for seed, rec in runs.get(m, {}).items()]
-                 for m in study["models"]}
+                 for m in labels(study)}
     if sum(bool(v) for v in per_model.values()) > 1:  # the paper's tables and figures, mean ± std over seeds
         from diffclip.eval.report import write_report
 
@@ -142,4 +193,23 @@ def write_summary(study: dict, wall_time: float | None = None) -> dict:
         summary["report"] = str(out / "report")
     write_json(out / "study.json", summary)
     write_text(out / "study.md", summary["markdown"] + "\n")
+    return summary
+
+
+def _write_table(study: dict, jobs: list[dict], run_info: dict | None) -> dict:
+    out = Path(study["output"])
+    rows = finetune_rows(study, jobs)
+    runs = [j for j in jobs if j["kind"] == "finetune"]
+    reused = sum(j["status"] == "done" for j in runs)
+    text = finetune_markdown(rows)
+    summary = {"study": study["name"], "seeds": study["seeds"], "rows": rows}
+    if run_info:
+        text += (f"\n\nWall time of this call: {run_info['wall_time'] / 60:.1f} min ({len(runs) - reused} runs trained, "
+                 f"{run_info['jobs']} in parallel; {reused} finished runs reused). Per-run wall and CPU time are in "
+                 "the table.")
+        summary.update(command=run_info["command"], wall_time=run_info["wall_time"], jobs=run_info["jobs"],
+                       runs_trained=len(runs) - reused, runs_reused=reused, failures=run_info["failures"])
+    summary["markdown"] = text
+    write_json(out / "table.json", summary)
+    write_text(out / "table.md", text + "\n")
     return summary
