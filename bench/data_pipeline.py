@@ -26,11 +26,12 @@ import time
 from pathlib import Path
 
 import torch
+from diffclip.training import make_shards as shards
+from diffclip.training import sources
 from diffclip.training.data import get_wds_loader
 from PIL import Image
 
 import diffclip
-from diffclip import shards, sources
 
 ROOT = Path(__file__).resolve().parents[1]
 EMOJI = ROOT / "data" / "sources" / "emoji-datasource-google"

@@ -14,8 +14,8 @@ from . import hub
 from .errors import InputError
 from .model import DiffCLIP
 
-__all__ = ["list_models", "get_model_config", "create_model", "create_model_and_transforms", "get_tokenizer",
-           "image_transform"]
+__all__ = ["list_models", "get_model_config", "parse_model_spec", "create_model", "create_model_and_transforms",
+           "get_tokenizer", "image_transform"]
 
 _CONFIG_DIR = Path(__file__).parent / "configs"
 _CONFIGS = {p.stem: json.loads(p.read_text()) for p in sorted(_CONFIG_DIR.glob("*.json"))}
@@ -37,6 +37,18 @@ def get_model_config(name: str) -> dict:
     if name not in _CONFIGS:
         raise InputError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     return copy.deepcopy(_CONFIGS[name])
+
+
+def parse_model_spec(spec: str) -> tuple[str, str | None]:
+    """``NAME[@PRETRAINED]`` -> ``(name, pretrained or None)``, the one way programs name a model with its weights
+    in one argument (``DiffCLIP-Tiny-64@runs/x/final_model``, ``DiffCLIP-ViT-B-16@cc12m``); split at the first
+    ``@``, nothing checked (:func:`create_model` checks both parts).
+
+    >>> parse_model_spec("DiffCLIP-ViT-B-16@cc12m"), parse_model_spec("CLIP-Tiny-64")
+    (('DiffCLIP-ViT-B-16', 'cc12m'), ('CLIP-Tiny-64', None))
+    """
+    name, _, pretrained = spec.partition("@")
+    return name, pretrained or None
 
 
 def create_model(name: str, pretrained: str | None = None, device: str | torch.device | None = None,

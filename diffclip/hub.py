@@ -309,10 +309,9 @@ def load_pretrained(model: torch.nn.Module, pretrained: str, model_name: str | N
                 config = Path(download("/".join(pretrained[len(HF_HUB_PREFIX):].split("/")[:2]), "config.json"))
             except FileNotFoundError:
                 pass
-        if model_name and config.is_file():
-            from .factory import get_model_config
-
-            check_hf_config(config, get_model_config(model_name), model_name)
+        if config.is_file() and hasattr(model, "vision_cfg"):  # checked against the config the model was built from
+            check_hf_config(config, {"vision_cfg": model.vision_cfg, "text_cfg": model.text_cfg},
+                            model_name or type(model).__name__)
         sd = hf_clip_to_open_clip(sd)
     if is_open_clip_state_dict(sd):
         sd = convert_open_clip_state_dict(sd)

@@ -1,10 +1,17 @@
-"""Image files to RGB PIL images: the one place that decides how transparency and palettes become RGB."""
+"""Image files to RGB PIL images: the one place that decides which files are images and how transparency and
+palettes become RGB."""
 
 from __future__ import annotations
 
 import os
 
 from PIL import Image
+
+__all__ = ["IMAGE_EXTENSIONS", "to_rgb", "load_image", "undecodable", "ToMode"]
+
+#: file extensions read as images (lower case, without the dot; a webdataset sample's image key is one of them),
+#: in order of preference when a sample has several
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff", "gif")
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 

@@ -19,11 +19,9 @@ PROGRAMS = {
     "retrieval": "image-text retrieval recall@k",
     "robustness": "zero-shot under distribution shift (ImageNet-V2/A/R/Sketch)",
     "linear_probe": "linear probe and few-shot",
-    "fewshot": "few-shot episodes (the paper's protocol)",
     "mmvp": "MMVP-VLM pairs and the radar chart",
     "run_suite": "a whole suite of tasks over one or more models, with tables",
     "report": "the paper's tables and figures from result files",
-    "compare": "compare result files of two models",
     "visualize": "attention maps",
     "cka": "layer-wise CKA similarity of two models",
 }

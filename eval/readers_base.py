@@ -1,16 +1,20 @@
-"""The dataset classes behind :mod:`diffclip.eval.readers`: images from a list of files, idx (MNIST-format) arrays,
-a torchvision dataset wrapped with reader attributes, CLIP_benchmark's tar shards, retrieval sets."""
+"""What every reader family of :mod:`diffclip.eval.readers` shares: the zero-shot prompts and class names, the
+error for a missing dataset, small file helpers, and the dataset classes (images from a list of files, idx
+(MNIST-format) arrays, a torchvision dataset wrapped with reader attributes, CLIP_benchmark's tar shards,
+retrieval sets)."""
 
 from __future__ import annotations
 
 import functools
 import gzip
 import io
+import json
 import os
 import struct
 import tarfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,7 +22,73 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from diffclip.errors import InputError
-from diffclip.images import load_image, to_rgb
+from diffclip.images import IMAGE_EXTENSIONS, load_image, to_rgb
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset is not where it was looked for; the message names the expected layout."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Zero-shot prompts. ImageNet's are open_clip's copies of OpenAI's; the others are the per-dataset prompts of
+# the CLIP paper (Radford et al. 2021, "prompts.md" of the CLIP repository) as CLIP_benchmark's data files hold them.
+# ---------------------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def imagenet_templates() -> list[str]:
+    """OpenAI's 80 ImageNet prompt templates (open_clip's ``OPENAI_IMAGENET_TEMPLATES``) as ``{}`` strings."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+    return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+
+
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+
+
+def _prompt_file(name: str) -> dict[str, list[str]]:
+    with open(PROMPTS_DIR / name, encoding="utf-8") as f:
+        return json.load(f)
+
+
+#: dataset -> prompt templates with CLIP_benchmark's ``{c}`` placeholder, from ``eval/prompts/`` (CLIP_benchmark's
+#: ``en_zeroshot_classification_templates.json`` format and, for the datasets it has, its lists in its order);
+#: ``generic`` for folders without templates, ``emoji`` for the emoji sets.
+TEMPLATES: dict[str, list[str]] = _prompt_file("en_zeroshot_classification_templates.json")
+GENERIC_TEMPLATES = TEMPLATES["generic"]
+EMOJI_TEMPLATES = TEMPLATES["emoji"]
+#: dataset -> class names where the files of the dataset have none (CLIP_benchmark's ``en_classnames.json`` format)
+CLASSNAMES: dict[str, list[str]] = _prompt_file("en_classnames.json")
+FASHION_MNIST_CLASSES = CLASSNAMES["fashion-mnist"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+def read_lines(path: str | os.PathLike) -> list[str]:
+    """Non-empty, stripped lines of a UTF-8 text file (class names, templates)."""
+    with open(path, encoding="utf-8") as f:
+        return [ln.strip() for ln in f if ln.strip()]
+
+
+def exists_or_raise(path: Path, name: str, layout: str, is_dir: bool = True) -> Path:
+    """``path`` when it is a folder (``is_dir``) or a file; else :class:`DatasetNotFoundError` naming dataset
+    ``name`` and its expected ``layout``."""
+    ok = path.is_dir() if is_dir else path.is_file()
+    if not ok:
+        raise DatasetNotFoundError(f"dataset {name!r}: {'folder' if is_dir else 'file'} {path} not found; "
+                                   f"expected layout: {layout}")
+    return path
+
+
+def pretty_name(name: str) -> str:
+    """A folder or file name as a class name: ``_`` read as a space."""
+    return name.replace("_", " ").strip()
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The image files under ``folder`` (recursively; extensions :data:`diffclip.images.IMAGE_EXTENSIONS`), sorted."""
+    return sorted(p for p in folder.rglob("*") if p.suffix[1:].lower() in IMAGE_EXTENSIONS and p.is_file())
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Dataset classes
@@ -146,9 +216,6 @@ def _read_member(m: _TarMember) -> bytes:
         return f.read(m.size)
 
 
-_WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
-
-
 class TarShardDataset(Dataset):
     """Random access to webdataset tar shards through an index of member offsets (built once by reading the tar
     headers), so evaluation can use a plain map-style DataLoader with workers and a fixed order.
@@ -172,7 +239,7 @@ class TarShardDataset(Dataset):
         self.samples = []
         for shard in shards:
             for key, members in _index_tar(shard):
-                image_key = next((k for k in _WDS_IMAGE_KEYS if k in members), None)
+                image_key = next((k for k in IMAGE_EXTENSIONS if k in members), None)
                 needed = "cls" if task == "classification" else "txt"
                 if image_key is None or needed not in members:
                     continue  # not a sample of this task (e.g. a stray json)

@@ -1,4 +1,4 @@
-"""The emoji sets (emoji-datasource-{twitter,google}, installed by scripts/get_demo_data.sh): readers registered in :mod:`diffclip.eval.readers` (its ``build_dataset`` builds them)."""
+"""The emoji sets (emoji-datasource-{twitter,google}, installed by scripts/get_demo_data.sh): readers registered in :mod:`diffclip.eval.readers_registry` (:mod:`diffclip.eval.readers` builds them)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,14 @@ import json
 import re
 from pathlib import Path
 
-from diffclip.eval.readers import (
-    _REGISTRY,
+from diffclip.eval.readers_base import (
     EMOJI_TEMPLATES,
     DatasetNotFoundError,
     ImageListDataset,
     RetrievalDataset,
-    _exists_or_raise,
-    _register,
+    exists_or_raise,
 )
+from diffclip.eval.readers_registry import REGISTRY, register
 
 from diffclip.errors import InputError
 
@@ -39,7 +38,7 @@ def _emoji_entries(root: Path, style: str, split: str) -> tuple[Path, list[dict]
     base = _emoji_dir(root, style)
     entries = json.loads((base / "emoji.json").read_text(encoding="utf-8"))
     img_dir = base / "img" / style / "64"
-    _exists_or_raise(img_dir, f"emoji-{style}", _EMOJI_LAYOUT.replace("{set}", style))
+    exists_or_raise(img_dir, f"emoji-{style}", _EMOJI_LAYOUT.replace("{set}", style))
     entries = sorted((e for e in entries if e.get("category") not in EMOJI_SKIPPED_CATEGORIES
                       and e.get(f"has_img_{style}", True) and (img_dir / e["image"]).is_file()),
                      key=lambda e: e.get("sort_order", 0))
@@ -103,15 +102,15 @@ for _style in ("twitter", "google"):
     _lay = _EMOJI_LAYOUT.replace("{set}", _style)
     _kw = dict(default_split="all", splits=("all", "train", "test"), default_root="data/sources",
                subdirs=(f"emoji-datasource-{_style}",))
-    _register(f"emoji-{_style}", "classification", _lay, options={"style": _style}, **_kw)(_emoji_classification)
-    _register(f"emoji-{_style}-subcategory", "classification", _lay, options={"style": _style, "label": "subcategory"},
+    register(f"emoji-{_style}", "classification", _lay, options={"style": _style}, **_kw)(_emoji_classification)
+    register(f"emoji-{_style}-subcategory", "classification", _lay, options={"style": _style, "label": "subcategory"},
               **_kw)(_emoji_classification)
-    _register(f"emoji-{_style}", "retrieval", _lay, options={"style": _style}, **_kw)(_emoji_retrieval)
-_REGISTRY[("classification", "emoji-twitter")].description = (
+    register(f"emoji-{_style}", "retrieval", _lay, options={"style": _style}, **_kw)(_emoji_retrieval)
+REGISTRY[("classification", "emoji-twitter")].description = (
     "Twitter emoji (1,906 base emoji): zero-shot over the 9 categories (Component left out); split all/train/test")
-_REGISTRY[("classification", "emoji-google")].description = (
+REGISTRY[("classification", "emoji-google")].description = (
     "Google Noto emoji (1,906 base emoji): zero-shot over the 9 categories; split all/train/test")
-_REGISTRY[("classification", "emoji-twitter-subcategory")].description = "Twitter emoji, subcategories as classes"
-_REGISTRY[("classification", "emoji-google-subcategory")].description = "Google emoji, subcategories as classes"
-_REGISTRY[("retrieval", "emoji-twitter")].description = "Twitter emoji, captions from name and short names"
-_REGISTRY[("retrieval", "emoji-google")].description = "Google emoji, captions from name and short names"
+REGISTRY[("classification", "emoji-twitter-subcategory")].description = "Twitter emoji, subcategories as classes"
+REGISTRY[("classification", "emoji-google-subcategory")].description = "Google emoji, subcategories as classes"
+REGISTRY[("retrieval", "emoji-twitter")].description = "Twitter emoji, captions from name and short names"
+REGISTRY[("retrieval", "emoji-google")].description = "Google emoji, captions from name and short names"

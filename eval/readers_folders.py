@@ -1,11 +1,11 @@
-"""Generic image folders, Tiny ImageNet, CLIP_benchmark's webdataset layout, idx (MNIST-format) files and scikit-learn's digits: readers registered in :mod:`diffclip.eval.readers` (its ``build_dataset`` builds them)."""
+"""Generic image folders, Tiny ImageNet, CLIP_benchmark's webdataset layout, idx (MNIST-format) files and scikit-learn's digits: readers registered in :mod:`diffclip.eval.readers_registry` (:mod:`diffclip.eval.readers` builds them)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-from diffclip.eval.readers import (
+from diffclip.eval.readers_base import (
     FASHION_MNIST_CLASSES,
     GENERIC_TEMPLATES,
     TEMPLATES,
@@ -13,16 +13,16 @@ from diffclip.eval.readers import (
     IdxDataset,
     ImageListDataset,
     TarShardDataset,
-    _exists_or_raise,
-    _list_images,
-    _pretty,
-    _register,
+    exists_or_raise,
+    list_images,
+    pretty_name,
     read_idx,
     read_lines,
 )
 from diffclip.eval.readers_imagenet import (
     _split_folder,
 )
+from diffclip.eval.readers_registry import register
 
 from diffclip.errors import InputError
 
@@ -35,17 +35,17 @@ _FOLDER_LAYOUT = ("<root>/[<split>/]<class>/*.jpg (one folder per class, sorted 
                   "templates from --templates FILE or <root>/templates.txt")
 
 
-@_register("folder", "classification", _FOLDER_LAYOUT, splits=())
+@register("folder", "classification", _FOLDER_LAYOUT, splits=())
 def _folder(root, split, transform):
     """Any image folder with one sub-folder per class (an optional class-name file gives readable names)."""
     folder = _split_folder(root, split)
-    _exists_or_raise(folder, "folder", _FOLDER_LAYOUT)
+    exists_or_raise(folder, "folder", _FOLDER_LAYOUT)
     dirs = sorted(d for d in folder.iterdir() if d.is_dir())
     if not dirs:
         raise DatasetNotFoundError(f"dataset 'folder': {folder} has no class folders; expected layout: "
                                    f"{_FOLDER_LAYOUT}")
-    samples = [(p, i) for i, d in enumerate(dirs) for p in _list_images(d)]
-    names = [_pretty(d.name) for d in dirs]
+    samples = [(p, i) for i, d in enumerate(dirs) for p in list_images(d)]
+    names = [pretty_name(d.name) for d in dirs]
     for cand in (folder / "classnames.txt", root / "classnames.txt"):
         if cand.is_file():
             names = read_lines(cand)
@@ -64,11 +64,11 @@ _TINY_LAYOUT = ("<root>/tiny-imagenet-200/{wnids.txt,words.txt,train/<wnid>/imag
                 "val/images/*.JPEG,val/val_annotations.txt}")
 
 
-@_register("tiny-imagenet", "classification", _TINY_LAYOUT, default_split="val", splits=("train", "val"),
+@register("tiny-imagenet", "classification", _TINY_LAYOUT, default_split="val", splits=("train", "val"),
            subdirs=("tiny-imagenet-200",))
 def _tiny_imagenet(root, split, transform):
     """Tiny ImageNet (200 classes, 64x64): train folders, val images listed in val_annotations.txt."""
-    wnids = sorted(read_lines(_exists_or_raise(root / "wnids.txt", "tiny-imagenet", _TINY_LAYOUT, is_dir=False)))
+    wnids = sorted(read_lines(exists_or_raise(root / "wnids.txt", "tiny-imagenet", _TINY_LAYOUT, is_dir=False)))
     index = {w: i for i, w in enumerate(wnids)}
     words = {}
     if (root / "words.txt").is_file():
@@ -76,10 +76,10 @@ def _tiny_imagenet(root, split, transform):
             w, _, text = ln.partition("\t")
             words[w] = text.split(",")[0].strip()
     if split == "train":
-        folder = _exists_or_raise(root / "train", "tiny-imagenet", _TINY_LAYOUT)
-        samples = [(p, index[w]) for w in wnids for p in _list_images(folder / w)]
+        folder = exists_or_raise(root / "train", "tiny-imagenet", _TINY_LAYOUT)
+        samples = [(p, index[w]) for w in wnids for p in list_images(folder / w)]
     else:
-        ann = _exists_or_raise(root / "val" / "val_annotations.txt", "tiny-imagenet", _TINY_LAYOUT, is_dir=False)
+        ann = exists_or_raise(root / "val" / "val_annotations.txt", "tiny-imagenet", _TINY_LAYOUT, is_dir=False)
         samples = []
         for ln in read_lines(ann):
             fname, w = ln.split("\t")[:2]
@@ -95,7 +95,7 @@ _WDS_RET_LAYOUT = ("<root>/{<split>/nshards.txt,<split>/0.tar..<split>/<n-1>.tar
 
 
 def _wds_shards(root: Path, split: str, layout: str) -> list[str]:
-    nfile = _exists_or_raise(root / split / "nshards.txt", "wds", layout, is_dir=False)
+    nfile = exists_or_raise(root / split / "nshards.txt", "wds", layout, is_dir=False)
     n = int(nfile.read_text().strip())
     shards = [root / split / f"{i}.tar" for i in range(n)]
     missing = [s for s in shards if not s.is_file()]
@@ -105,17 +105,17 @@ def _wds_shards(root: Path, split: str, layout: str) -> list[str]:
     return [str(s) for s in shards]
 
 
-@_register("wds", "classification", _WDS_LAYOUT, splits=())
+@register("wds", "classification", _WDS_LAYOUT, splits=())
 def _wds_classification(root, split, transform):
     """CLIP_benchmark's webdataset layout (e.g. the clip-benchmark/wds_* hub datasets, downloaded)."""
     shards = _wds_shards(root, split, _WDS_LAYOUT)
-    classnames = read_lines(_exists_or_raise(root / "classnames.txt", "wds", _WDS_LAYOUT, is_dir=False))
+    classnames = read_lines(exists_or_raise(root / "classnames.txt", "wds", _WDS_LAYOUT, is_dir=False))
     tfile = root / "zeroshot_classification_templates.txt"
     templates = read_lines(tfile) if tfile.is_file() else GENERIC_TEMPLATES
     return TarShardDataset(shards, transform, "classification", classnames, templates)
 
 
-@_register("wds", "retrieval", _WDS_RET_LAYOUT, splits=())
+@register("wds", "retrieval", _WDS_RET_LAYOUT, splits=())
 def _wds_retrieval(root, split, transform):
     """CLIP_benchmark's retrieval webdataset layout (``txt``: captions, one per line)."""
     return TarShardDataset(_wds_shards(root, split, _WDS_RET_LAYOUT), transform, "retrieval")
@@ -146,20 +146,20 @@ _FMNIST_LAYOUT = ("<root>/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz] (Deb
 _MNIST_LAYOUT = "<root>/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz] (or torchvision's <root>/MNIST/raw)"
 
 
-@_register("fashion-mnist", "classification", _FMNIST_LAYOUT, default_root="/usr/share/datasets/fashion-mnist",
+@register("fashion-mnist", "classification", _FMNIST_LAYOUT, default_root="/usr/share/datasets/fashion-mnist",
            subdirs=("fashion-mnist",))
 def _fashion_mnist(root, split, transform):
     """Fashion-MNIST from idx files (60k train / 10k test, 28x28 grayscale, 10 classes)."""
     return _idx_dataset(root, split, transform, "fashion-mnist", FASHION_MNIST_CLASSES, _FMNIST_LAYOUT)
 
 
-@_register("mnist", "classification", _MNIST_LAYOUT, subdirs=("mnist",))
+@register("mnist", "classification", _MNIST_LAYOUT, subdirs=("mnist",))
 def _mnist(root, split, transform):
     """MNIST from idx files (60k train / 10k test, 28x28 grayscale digits)."""
     return _idx_dataset(root, split, transform, "mnist", [str(i) for i in range(10)], _MNIST_LAYOUT)
 
 
-@_register("digits", "classification", "installed with scikit-learn (no files)", default_root=".",
+@register("digits", "classification", "installed with scikit-learn (no files)", default_root=".",
            splits=("train", "test"))
 def _digits(root, split, transform):
     """scikit-learn's handwritten digits (1,797 images, 8x8 grayscale scaled to 0-255, 10 classes): the first

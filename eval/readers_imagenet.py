@@ -1,4 +1,4 @@
-"""ImageNet-1k and its distribution shifts (V2, Sketch, A, R, ObjectNet): readers registered in :mod:`diffclip.eval.readers` (its ``build_dataset`` builds them)."""
+"""ImageNet-1k and its distribution shifts (V2, Sketch, A, R, ObjectNet): readers registered in :mod:`diffclip.eval.readers_registry` (:mod:`diffclip.eval.readers` builds them)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import pkgutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from diffclip.eval.readers import (
+from diffclip.eval.readers_base import (
     DatasetNotFoundError,
     ImageListDataset,
-    _exists_or_raise,
-    _list_images,
-    _register,
+    exists_or_raise,
     imagenet_templates,
+    list_images,
 )
+from diffclip.eval.readers_registry import register
 
 # ---------------------------------------------------------------------------------------------------------------
 # ImageNet family
@@ -36,7 +36,7 @@ def imagenet_classnames() -> list[str]:
 
 
 def _wnid_folder_samples(folder: Path, name: str, layout: str, allowed: Sequence[str]) -> list[tuple[Path, str]]:
-    _exists_or_raise(folder, name, layout)
+    exists_or_raise(folder, name, layout)
     allowed_set = set(allowed)
     dirs = sorted(d for d in folder.iterdir() if d.is_dir())
     bad = [d.name for d in dirs if d.name not in allowed_set]
@@ -44,7 +44,7 @@ def _wnid_folder_samples(folder: Path, name: str, layout: str, allowed: Sequence
         detail = f"unexpected folders {bad[:3]}" if bad else "no class folders"
         raise DatasetNotFoundError(f"dataset {name!r}: {folder} is not in the expected layout ({detail}); "
                                    f"expected layout: {layout}")
-    samples = [(p, d.name) for d in dirs for p in _list_images(d)]
+    samples = [(p, d.name) for d in dirs for p in list_images(d)]
     if not samples:
         raise DatasetNotFoundError(f"dataset {name!r}: no images under {folder}; expected layout: {layout}")
     return samples
@@ -58,7 +58,7 @@ _IMAGENET_LAYOUT = ("<root>/[val/]<wnid>/*.JPEG, one folder per class named by i
                     "class index = position of the wnid in the sorted list of the 1000 ImageNet-1k wnids")
 
 
-@_register("imagenet1k", "classification", _IMAGENET_LAYOUT, default_split="val", splits=("val", "train"),
+@register("imagenet1k", "classification", _IMAGENET_LAYOUT, default_split="val", splits=("val", "train"),
            subdirs=("imagenet", "imagenet1k", "ILSVRC2012"))
 def _imagenet1k(root, split, transform):
     """ImageNet-1k (val) as a folder of wnid folders, open_clip's 1000 class names, the 80 OpenAI templates."""
@@ -71,7 +71,7 @@ def _imagenet1k(root, split, transform):
 _SKETCH_LAYOUT = "<root>/[sketch/]<wnid>/*.JPEG with the 1000 ImageNet-1k wnid folders"
 
 
-@_register("imagenet-sketch", "classification", _SKETCH_LAYOUT, subdirs=("imagenet-sketch", "sketch"),
+@register("imagenet-sketch", "classification", _SKETCH_LAYOUT, subdirs=("imagenet-sketch", "sketch"),
            splits=("test",))
 def _imagenet_sketch(root, split, transform):
     """ImageNet-Sketch: 50,889 sketches of the 1000 ImageNet classes (wnid folders)."""
@@ -86,16 +86,16 @@ _V2_LAYOUT = ("<root>/<0..999>/*.jpeg (imagenetv2-matched-frequency-format-val: 
               "its ImageNet class index)")
 
 
-@_register("imagenet-v2", "classification", _V2_LAYOUT, splits=("test",),
+@register("imagenet-v2", "classification", _V2_LAYOUT, splits=("test",),
            subdirs=("imagenetv2-matched-frequency-format-val", "imagenet-v2", "imagenetv2"))
 def _imagenet_v2(root, split, transform):
     """ImageNet-V2 matched-frequency: 10,000 new test images of the 1000 classes (folders named 0..999)."""
-    _exists_or_raise(root, "imagenet-v2", _V2_LAYOUT)
+    exists_or_raise(root, "imagenet-v2", _V2_LAYOUT)
     dirs = [d for d in root.iterdir() if d.is_dir()]
     if not dirs or not all(d.name.isdigit() and int(d.name) < 1000 for d in dirs):
         raise DatasetNotFoundError(f"dataset 'imagenet-v2': {root} is not in the expected layout; "
                                    f"expected layout: {_V2_LAYOUT}")
-    samples = [(p, int(d.name)) for d in sorted(dirs, key=lambda d: int(d.name)) for p in _list_images(d)]
+    samples = [(p, int(d.name)) for d in sorted(dirs, key=lambda d: int(d.name)) for p in list_images(d)]
     return ImageListDataset(samples, imagenet_classnames(), imagenet_templates(), transform)
 
 
@@ -114,13 +114,13 @@ _A_LAYOUT = "<root>/<wnid>/*.jpg with the 200 ImageNet-A wnid folders (imagenet-
 _R_LAYOUT = "<root>/<wnid>/*.jpg with the 200 ImageNet-R wnid folders (imagenet-r.tar)"
 
 
-@_register("imagenet-a", "classification", _A_LAYOUT, subdirs=("imagenet-a",), splits=("test",))
+@register("imagenet-a", "classification", _A_LAYOUT, subdirs=("imagenet-a",), splits=("test",))
 def _imagenet_a(root, split, transform):
     """ImageNet-A: 7,500 natural adversarial images of a 200-class ImageNet subset (``class_index`` given)."""
     return _imagenet_subset(root, transform, "imagenet-a", "imagenet_a_synsets.txt", _A_LAYOUT)
 
 
-@_register("imagenet-r", "classification", _R_LAYOUT, subdirs=("imagenet-r",), splits=("test",))
+@register("imagenet-r", "classification", _R_LAYOUT, subdirs=("imagenet-r",), splits=("test",))
 def _imagenet_r(root, split, transform):
     """ImageNet-R: 30,000 renditions of a 200-class ImageNet subset (``class_index`` given)."""
     return _imagenet_subset(root, transform, "imagenet-r", "imagenet_r_synsets.txt", _R_LAYOUT)
@@ -130,20 +130,20 @@ _OBJECTNET_LAYOUT = ("<root>/images/<folder>/*.png and <root>/mappings/{folder_t
                      "objectnet_to_imagenet_1k.json} (objectnet-1.0)")
 
 
-@_register("objectnet", "classification", _OBJECTNET_LAYOUT, subdirs=("objectnet-1.0", "objectnet"),
+@register("objectnet", "classification", _OBJECTNET_LAYOUT, subdirs=("objectnet-1.0", "objectnet"),
            splits=("test",))
 def _objectnet(root, split, transform):
     """ObjectNet: the 113 classes that overlap ImageNet (their ObjectNet names), 1-pixel border removed."""
     maps = root / "mappings"
-    folder_to_label = json.loads(_exists_or_raise(maps / "folder_to_objectnet_label.json", "objectnet",
+    folder_to_label = json.loads(exists_or_raise(maps / "folder_to_objectnet_label.json", "objectnet",
                                                   _OBJECTNET_LAYOUT, is_dir=False).read_text())
-    to_imagenet = json.loads(_exists_or_raise(maps / "objectnet_to_imagenet_1k.json", "objectnet",
+    to_imagenet = json.loads(exists_or_raise(maps / "objectnet_to_imagenet_1k.json", "objectnet",
                                               _OBJECTNET_LAYOUT, is_dir=False).read_text())
-    images = _exists_or_raise(root / "images", "objectnet", _OBJECTNET_LAYOUT)
+    images = exists_or_raise(root / "images", "objectnet", _OBJECTNET_LAYOUT)
     labels = sorted({lab for lab in folder_to_label.values() if lab in to_imagenet})
     local = {lab: i for i, lab in enumerate(labels)}
     samples = []
     for folder, lab in sorted(folder_to_label.items()):
         if lab in local and (images / folder).is_dir():
-            samples += [(p, local[lab]) for p in _list_images(images / folder)]
+            samples += [(p, local[lab]) for p in list_images(images / folder)]
     return ImageListDataset(samples, [lab.lower() for lab in labels], imagenet_templates(), transform, crop_border=1)

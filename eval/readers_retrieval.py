@@ -1,4 +1,4 @@
-"""Retrieval datasets: Karpathy splits (COCO, Flickr30k, Flickr8k), CSV / JSONL: readers registered in :mod:`diffclip.eval.readers` (its ``build_dataset`` builds them)."""
+"""Retrieval datasets: Karpathy splits (COCO, Flickr30k, Flickr8k), CSV / JSONL: readers registered in :mod:`diffclip.eval.readers_registry` (:mod:`diffclip.eval.readers` builds them)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from diffclip.eval.readers import (
-    _REGISTRY,
-    DatasetNotFoundError,
-    RetrievalDataset,
-    _exists_or_raise,
-    _register,
-)
+from diffclip.eval.readers_base import DatasetNotFoundError, RetrievalDataset, exists_or_raise
+from diffclip.eval.readers_registry import REGISTRY, register
 
 from diffclip.errors import InputError
 
@@ -29,7 +24,7 @@ def _karpathy(root: Path, split: str, transform, name: str, json_name: str, imag
     ann = Path(annotations) if annotations else next(
         (p for p in (root / json_name, root / "annotations" / json_name, root / "karpathy" / json_name)
          if p.is_file()), root / json_name)
-    _exists_or_raise(ann, name, layout, is_dir=False)
+    exists_or_raise(ann, name, layout, is_dir=False)
     images = [im for im in json.loads(ann.read_text(encoding="utf-8"))["images"] if im.get("split") == split]
     if not images:
         raise InputError(f"dataset {name!r}: {ann} has no images in split {split!r}")
@@ -64,7 +59,7 @@ for _name, (_json, _dirs, _subdirs, _desc) in _KARPATHY.items():
     def _make(root, split, transform, annotations=None, _n=_name, _j=_json, _d=_dirs):
         return _karpathy(root, split, transform, _n, _j, _d, annotations)
     _make.__doc__ = _desc
-    _register(_name, "retrieval", f"<root>/{_json} + images (Karpathy split file)", splits=("train", "val", "test",
+    register(_name, "retrieval", f"<root>/{_json} + images (Karpathy split file)", splits=("train", "val", "test",
               "restval"), subdirs=_subdirs)(_make)
 
 
@@ -74,7 +69,7 @@ _CSV_LAYOUT = ("a CSV/TSV file with a header row and columns 'filepath' and 'cap
 
 
 def _caption_table(root: Path, split, transform, fmt: str, img_key="filepath", caption_key="caption", sep=None):
-    _exists_or_raise(root, fmt, _CSV_LAYOUT, is_dir=False)
+    exists_or_raise(root, fmt, _CSV_LAYOUT, is_dir=False)
     rows: list[dict] = []
     if fmt == "jsonl":
         with open(root, encoding="utf-8") as f:
@@ -98,9 +93,9 @@ def _caption_table(root: Path, split, transform, fmt: str, img_key="filepath", c
     return RetrievalDataset(paths, list(grouped.values()), transform)
 
 
-_register("csv", "retrieval", _CSV_LAYOUT, splits=(), default_split="all")(
+register("csv", "retrieval", _CSV_LAYOUT, splits=(), default_split="all")(
     lambda root, split, transform, **kw: _caption_table(root, split, transform, "csv", **kw))
-_register("jsonl", "retrieval", _CSV_LAYOUT, splits=(), default_split="all")(
+register("jsonl", "retrieval", _CSV_LAYOUT, splits=(), default_split="all")(
     lambda root, split, transform, **kw: _caption_table(root, split, transform, "jsonl", **kw))
-_REGISTRY[("retrieval", "csv")].description = "a CSV/TSV of filepath,caption (several rows per image allowed)"
-_REGISTRY[("retrieval", "jsonl")].description = "a JSONL of {filepath, caption} (several rows per image allowed)"
+REGISTRY[("retrieval", "csv")].description = "a CSV/TSV of filepath,caption (several rows per image allowed)"
+REGISTRY[("retrieval", "jsonl")].description = "a JSONL of {filepath, caption} (several rows per image allowed)"

@@ -1,4 +1,4 @@
-"""torchvision's classification datasets read from local files: readers registered in :mod:`diffclip.eval.readers` (its ``build_dataset`` builds them)."""
+"""torchvision's classification datasets read from local files: readers registered in :mod:`diffclip.eval.readers_registry` (:mod:`diffclip.eval.readers` builds them)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffclip.eval.readers import (
-    TEMPLATES,
-    DatasetNotFoundError,
-    LabeledDataset,
-    _pretty,
-    _register,
-    read_lines,
-)
+from diffclip.eval.readers_base import TEMPLATES, DatasetNotFoundError, LabeledDataset, pretty_name, read_lines
+from diffclip.eval.readers_registry import register
 from torch.utils.data import Dataset
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -32,7 +26,7 @@ def _torchvision(name: str, layout: str, make: Callable[[], Dataset]) -> Dataset
 
 
 def _tv_register(name, layout, splits=("train", "test"), subdirs=(), default_split="test"):
-    return _register(name, "classification", layout, splits=splits, subdirs=subdirs, default_split=default_split)
+    return register(name, "classification", layout, splits=splits, subdirs=subdirs, default_split=default_split)
 
 
 @_tv_register("cifar10", "<root>/cifar-10-batches-py/ (the python version)", subdirs=("cifar10",))
@@ -50,7 +44,7 @@ def _cifar100(root, split, transform, download=False):
     from torchvision.datasets import CIFAR100
     ds = _torchvision("cifar100", "<root>/cifar-100-python/",
                       lambda: CIFAR100(str(root), train=split == "train", transform=None, download=download))
-    return LabeledDataset(ds, [_pretty(c) for c in ds.classes], TEMPLATES["cifar100"], ds.targets, transform=transform)
+    return LabeledDataset(ds, [pretty_name(c) for c in ds.classes], TEMPLATES["cifar100"], ds.targets, transform=transform)
 
 
 @_tv_register("stl10", "<root>/stl10_binary/{train,test}_{X,y}.bin, class_names.txt", subdirs=("stl10",))
@@ -99,7 +93,7 @@ def _food101(root, split, transform, download=False):
     from torchvision.datasets import Food101
     ds = _torchvision("food101", "<root>/food-101/",
                       lambda: Food101(str(root), split=split, transform=None, download=download))
-    return LabeledDataset(ds, [_pretty(c) for c in ds.classes], TEMPLATES["food101"], ds._labels, transform=transform)
+    return LabeledDataset(ds, [pretty_name(c) for c in ds.classes], TEMPLATES["food101"], ds._labels, transform=transform)
 
 
 @_tv_register("dtd", "<root>/dtd/dtd/{images/,labels/}", splits=("train", "val", "trainval", "test"))
@@ -135,7 +129,7 @@ def _caltech101(root, split, transform, download=False):
     ds = _torchvision("caltech101", "<root>/caltech101/101_ObjectCategories/",
                       lambda: Caltech101(str(root), target_type="category", download=download))
     indices = _per_class_split(ds.y, 30, split)
-    names = [_CALTECH_NAMES.get(c, _pretty(c).lower()) for c in ds.categories]
+    names = [_CALTECH_NAMES.get(c, pretty_name(c).lower()) for c in ds.categories]
     return LabeledDataset(ds, names, TEMPLATES["caltech101"], [ds.y[i] for i in indices], indices, transform)
 
 
@@ -168,5 +162,5 @@ def _sun397(root, split, transform, download=False):
         indices = [i for i, f in enumerate(ds._image_files) if "/" + str(Path(f).relative_to(base)) in wanted]
     else:
         indices = _per_class_split(ds._labels, 50, split)
-    names = [_pretty(c.replace("/", " ")) for c in ds.classes]
+    names = [pretty_name(c.replace("/", " ")) for c in ds.classes]
     return LabeledDataset(ds, names, TEMPLATES["sun397"], [ds._labels[i] for i in indices], indices, transform)

@@ -251,11 +251,11 @@ def _query_maps(args) -> int:
     specs = [args.checkpoint] + ([args.contrast] if args.contrast else [])
     loaded = []
     for spec in specs:
-        name, _, pretrained = spec.partition("@")
+        name, pretrained = diffclip.factory.parse_model_spec(spec)
         if name not in diffclip.list_models():
             raise UsageError(f"--query needs diffclip CLIP models NAME[@PRETRAINED]; {spec!r} is not one "
                              f"({', '.join(diffclip.list_models())})")
-        model, _, preprocess = diffclip.create_model_and_transforms(name, pretrained=pretrained or None)
+        model, _, preprocess = diffclip.create_model_and_transforms(name, pretrained=pretrained)
         loaded.append((spec, name, model.eval(), preprocess, diffclip.get_tokenizer(name)))
     image, _, source = _load_image(args, None)
     results, record = [], {"source": source, "queries": args.query, "method": "Chefer et al. 2021", "models": {}}

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import skimage.data
 from diffclip.training import make_shards as ms
+from diffclip.training import sources
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,25 +158,25 @@ def test_resize_modes_on_a_real_photo(tmp_path):
     assert sizes == {"pad": (64, 64), "shorter": (96, 64), "crop": (64, 64)}
     assert ms.encode_image(str(path), None, "pad", "jpg")[2] == (640, 427)
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 this is not a JPEG")
-    with pytest.raises(ms.SkipSample, match="undecodable"):
+    with pytest.raises(sources.SkipSample, match="undecodable"):
         ms.encode_image(str(tmp_path / "bad.jpg"), 32)
 
 
 def test_emoji_names_and_caption_templates():
     entry = {"name": "THUMBS UP SIGN", "short_names": ["+1", "thumbsup"], "subcategory": "hand-fingers-closed"}
-    assert ms.emoji_name(entry) == "thumbs up sign"
-    assert ms.emoji_name(entry, "1F3FD") == "thumbs up sign, medium skin tone"
-    assert ms.emoji_name({"name": "COUPLE WITH HEART"}, "1F3FB-1F3FF") == "couple with heart, light and dark skin tones"
-    captions = {ms.emoji_caption(entry, None, seed) for seed in range(60)}
+    assert sources.emoji_name(entry) == "thumbs up sign"
+    assert sources.emoji_name(entry, "1F3FD") == "thumbs up sign, medium skin tone"
+    assert sources.emoji_name({"name": "COUPLE WITH HEART"}, "1F3FB-1F3FF") == "couple with heart, light and dark skin tones"
+    captions = {sources.emoji_caption(entry, None, seed) for seed in range(60)}
     assert len(captions) >= 6 and all("thumbs up sign" in c for c in captions)
     assert "thumbs up sign (thumbsup)" in captions and not any("+1" in c for c in captions)
-    assert ms.emoji_caption(entry, "1F3FD", 7) == ms.emoji_caption(entry, "1F3FD", 7)
+    assert sources.emoji_caption(entry, "1F3FD", 7) == sources.emoji_caption(entry, "1F3FD", 7)
 
 
 @pytest.mark.skipif(not (EMOJI_DIR / "emoji.json").is_file(), reason="emoji source not installed: "
                     "run scripts/get_demo_data.sh")
 def test_noto_emoji_source(tmp_path):
-    records = ms.read_emoji_source(EMOJI_DIR)
+    records = sources.read_emoji_source(EMOJI_DIR)
     assert len(records) == 3786  # 1911 emoji + their skin-tone variants, each with a Google image
     assert all(os.path.isfile(r.path) for r in records[:50])
     summary = ms.write_shards(records, tmp_path / "noto", samples_per_shard=5, max_samples=12, seed=1,
@@ -195,7 +196,7 @@ def test_noto_emoji_source(tmp_path):
 @pytest.mark.skipif(not Path("/usr/share/openclipart").is_dir(), reason="openclipart not installed: "
                     "apt-get install openclipart-png openclipart-svg")
 def test_openclipart_source(tmp_path):
-    records = ms.read_openclipart_source()
+    records = sources.read_openclipart_source()
     assert len(records) > 5000
     summary = ms.write_shards(records, tmp_path / "oc", max_samples=4, image_size=48, seed=0, progress=False)
     assert summary["train"]["samples"] + summary["skipped"] == 4 and summary["train"]["samples"] >= 2

@@ -7,7 +7,8 @@ import torch
 import diffclip
 from diffclip import create_model, create_model_and_transforms, get_tokenizer, list_models
 
-# The DiffCLIP release layout (reference §2): name -> shape, per block patterns expanded below.
+# The layout of the authors' released checkpoint (hammh0a/DiffCLIP_ViTB16_CC3M, checkpoint_best.pt): name -> shape,
+# per block patterns expanded below.
 TOP = {"positional_embedding": (77, 512), "image_projection": (768, 512), "text_projection": (512, 512),
        "logit_scale": (), "token_embedding.weight": (49408, 512), "ln_final.weight": (512,), "ln_final.bias": (512,),
        "visual.cls_token": (1, 1, 768), "visual.pos_embed": (1, 197, 768),
@@ -160,6 +161,14 @@ def test_unknown_model_lists_known_ones():
         create_model("DiffCLIP-ViT-X-99")
     assert {"DiffCLIP-ViT-B-16", "DiffCLIP-ViT-B-32", "CLIP-ViT-B-16", "CLIP-ViT-B-32", "DiffCLIP-Tiny-64",
             "CLIP-Tiny-64", "OpenCLIP-ViT-B-16"} <= set(list_models())
+
+
+def test_name_at_pretrained_specs():
+    from diffclip.factory import parse_model_spec
+
+    assert parse_model_spec("DiffCLIP-ViT-B-16@cc12m") == ("DiffCLIP-ViT-B-16", "cc12m")
+    assert parse_model_spec("DiffCLIP-Tiny-64@runs/a@b/final_model") == ("DiffCLIP-Tiny-64", "runs/a@b/final_model")
+    assert parse_model_spec("CLIP-Tiny-64") == parse_model_spec("CLIP-Tiny-64@") == ("CLIP-Tiny-64", None)
 
 
 def test_tokenizer_is_clip_bpe():

@@ -61,3 +61,35 @@ def test_unknown_precision_and_missing_device_are_one_line_errors():
         with pytest.raises(ValueError, match="--device cuda: CUDA is not available"):
             resolve_device("cuda")
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_the_trainer_resolves_devices_as_the_eval_programs_do():
+    from diffclip.training.distributed import init_distributed
+    from diffclip.training.params import build_parser, parse_args
+
+    from diffclip.runtime import PRECISION_HELP
+
+    args = parse_args(["--train-data", "shards/{00000..00001}.tar"])
+    assert args.device == "auto"
+    assert parse_args(["--train-data", "x.tar", "--device", "auto"]).device == "auto"
+    precision = next(a for a in build_parser()._actions if "--precision" in a.option_strings)
+    assert precision.help.startswith(PRECISION_HELP)
+    info = init_distributed(args.device)  # one plain process: no process group
+    assert info.device == resolve_device("auto") and not info.distributed
+    assert init_distributed("cpu").device == torch.device("cpu")
+    with pytest.raises(ValueError, match="--device 'gpu0': expected auto, cpu, cuda"):
+        init_distributed("gpu0")
+
+
+def test_stable_seed_is_fixed_across_processes():
+    import subprocess
+    import sys
+
+    from diffclip.runtime import stable_seed
+
+    here = [stable_seed("emoji", "1F600"), stable_seed(0, 3, "samples", 1, "train")]
+    code = "from diffclip.runtime import stable_seed; print(stable_seed('emoji', '1F600'), stable_seed(0, 3, 'samples', 1, 'train'))"
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={"PYTHONHASHSEED": "123", "PATH": ""}).stdout.split()
+    assert [int(s) for s in there] == here and all(0 <= s < 2**63 for s in here)
+    assert stable_seed("emoji", "1F600") != stable_seed("emoji", "1F601")

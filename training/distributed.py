@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from diffclip.errors import RunError
+from diffclip.runtime import resolve_device
 
 __all__ = ["DistInfo", "init_distributed", "world_info_from_env", "barrier", "all_reduce_mean", "cleanup"]
 
@@ -69,26 +70,26 @@ def world_info_from_env() -> tuple[int, int, int]:
     return 0, 0, 1
 
 
-def init_distributed(device: str | None = None, backend: str | None = None) -> DistInfo:
+def init_distributed(device: str | None = "auto", backend: str | None = None) -> DistInfo:
     """Initialises the default process group when there is more than one process.
 
     Args:
-        device: "cpu", "cuda" (this process uses ``cuda:LOCAL_RANK``) or "cuda:N"; default cuda when available.
+        device: a name for :func:`diffclip.runtime.resolve_device`: "auto"/None (cuda when available, else mps,
+            else cpu), "cpu", "cuda" (this process uses ``cuda:LOCAL_RANK``), "cuda:N" or "mps".
         backend: default "nccl" on CUDA, "gloo" on CPU.
 
     Returns:
         The :class:`DistInfo` of this process.
+
+    Raises:
+        ValueError: an unknown device name, or a device this machine lacks (one line naming it).
     """
     rank, local_rank, world_size = world_info_from_env()
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RunError("--device cuda requested but CUDA is not available")
-        dev = torch.device(f"cuda:{local_rank}") if device == "cuda" else torch.device(device)
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
-    else:
-        dev = torch.device(device)
     info = DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev, distributed=world_size > 1)
     if info.distributed and not dist.is_initialized():
         backend = backend or ("nccl" if dev.type == "cuda" else "gloo")

@@ -1,11 +1,12 @@
-"""Command-line flags of ``training/main.py``, named as open_clip's trainer names them (reference §4)."""
+"""Command-line flags of ``training/main.py``, named as open_clip's trainer (``open_clip_train/params.py``) names
+them."""
 
 from __future__ import annotations
 
 import argparse
 
 from diffclip.cli import ArgumentParser, nonneg_float, nonneg_int, positive_float, positive_int, unit_interval
-from diffclip.runtime import PRECISIONS
+from diffclip.runtime import PRECISION_HELP, PRECISIONS
 
 __all__ = ["parse_args", "build_parser"]
 
@@ -53,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eps", type=positive_float, default=1e-6)
     g.add_argument("--warmup", type=nonneg_int, default=10000, help="linear warm-up steps before the cosine decay")
     g.add_argument("--lr-scheduler", choices=("cosine", "const"), default="cosine")
-    g.add_argument("--precision", choices=PRECISIONS, default="amp", help="fp32; amp (fp16 autocast + grad "
-                   "scaler on CUDA, bf16 autocast on CPU); amp_bf16 (bf16 autocast); bf16 (pure bf16 weights)")
+    g.add_argument("--precision", choices=PRECISIONS, default="amp", help=PRECISION_HELP + "; a gradient scaler "
+                   "where the autocast dtype is fp16")
     g.add_argument("--accum-freq", type=positive_int, default=1, help="micro-batches per optimizer step, with "
                    "the gradient of the whole batch (features cached, then recomputed per micro-batch)")
     g.add_argument("--local-loss", action="store_true", help="each rank computes only its rows of the logits")
@@ -74,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every-n-steps", type=positive_int, default=100, help="log (and write results.jsonl) "
                    "every n steps")
     g.add_argument("--report-to", default="", help="'tensorboard' to write TensorBoard scalars")
-    g.add_argument("--device", default=None, help="cpu, cuda (one device per process, the local rank's) or "
-                   "cuda:N; default: cuda when available")
+    g.add_argument("--device", default="auto", help="auto (cuda when available, else mps, else cpu), cpu, cuda "
+                   "(one device per process, the local rank's), cuda:N or mps")
     g.add_argument("--dist-backend", default=None, help="default: nccl on CUDA, gloo on CPU")
     g.add_argument("--no-export", action="store_true", help="do not write the final weights with save_pretrained")
     return p

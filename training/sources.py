@@ -1,14 +1,16 @@
-"""Image-caption sources of the shard writer (:mod:`diffclip.shards`): a CSV/TSV/JSONL file of image paths and
-captions, the emoji-datasource catalogues (Noto, Twitter) with their caption rules, and Debian's Openclipart with
-captions from each drawing's title and keywords. Each reader returns :class:`Record` objects."""
+"""The catalogue of image-caption sources that ``training/make_shards.py`` writes as shards: a CSV/TSV/JSONL file
+of image paths and captions, the emoji-datasource catalogues (Noto, Twitter; npm packages installed by
+``scripts/get_demo_data.sh``) with their caption rules, and Debian's Openclipart with captions from each drawing's
+title and keywords. Each reader returns :class:`Record` objects.
+
+The emoji aliases kept in captions follow the same rule as the evaluation captions of
+``eval/readers_emoji.py`` (``emoji_captions``); the two programs do not import each other."""
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import html
 import json
-import logging
 import os
 import random
 import re
@@ -18,12 +20,11 @@ from pathlib import Path
 from PIL import Image
 
 from diffclip.errors import InputError
+from diffclip.runtime import stable_seed
 
 __all__ = ["Record", "SourceNotInstalled", "SkipSample", "EMOJI_TEMPLATES", "CLIPART_TEMPLATES", "SKIN_TONES",
            "DEFAULT_INPUTS", "emoji_name", "emoji_caption", "read_csv_source", "read_emoji_source",
            "read_openclipart_source", "read_source", "record_caption"]
-
-log = logging.getLogger("diffclip.shards")
 
 GET_DEMO_DATA = "scripts/get_demo_data.sh"
 DEFAULT_INPUTS = {
@@ -49,12 +50,6 @@ class Record:
     caption: str | None
     meta: dict = field(default_factory=dict)
     seed: int = 0
-
-
-def _stable_seed(*parts) -> int:
-    """A seed from strings/ints that does not depend on Python's hash randomisation."""
-    digest = hashlib.blake2b("\x1f".join(str(p) for p in parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
 
 
 # ----------------------------------------------------------------------------------------------- csv / tsv / jsonl
@@ -114,7 +109,7 @@ def read_csv_source(path: str | os.PathLike) -> list[Record]:
     records = []
     for i, (p, caption, extra) in enumerate(rows):
         full = Path(p) if os.path.isabs(p) else base / p
-        records.append(Record(str(full), caption.strip(), {"filepath": p, **extra}, _stable_seed("csv", i)))
+        records.append(Record(str(full), caption.strip(), {"filepath": p, **extra}, stable_seed("csv", i)))
     return records
 
 
@@ -209,7 +204,7 @@ def read_emoji_source(root: str | os.PathLike, caption_style: str = "varied") ->
             if not variant.get(f"has_img_{image_set}", True):
                 continue
             image = root / "img" / image_set / "64" / variant["image"]
-            seed = _stable_seed("emoji", variant["unified"])
+            seed = stable_seed("emoji", variant["unified"])
             caption = emoji_name(entry, skin) if caption_style == "plain" else emoji_caption(entry, skin, seed)
             meta = {"name": emoji_name(entry, skin), "short_names": entry.get("short_names") or [],
                     "category": entry.get("category"), "subcategory": entry.get("subcategory"),
@@ -319,7 +314,7 @@ def read_openclipart_source(root: str | os.PathLike = "/usr/share/openclipart") 
         svg = svg_dir / rel.with_suffix(".svg")
         meta = {"categories": categories, "file": str(rel), "source": "openclipart",
                 "svg": str(svg) if svg.exists() else None}
-        records.append(Record(str(p), None, meta, _stable_seed("openclipart", key)))
+        records.append(Record(str(p), None, meta, stable_seed("openclipart", key)))
     return records
 
 
