@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from diffclip.cli import ArgumentParser, positive_int, run
-from diffclip.errors import InputError
+from diffclip.cli import ArgumentParser, UsageError, positive_int, run
+from diffclip.errors import InputError, UnknownNameError, one_line
 from diffclip.files import check_writable, save_figure, write_json
 
 __all__ = ["gram", "centre", "cka_from_grams", "linear_cka", "layer_grams", "cka_matrix", "plot_matrix", "main"]
@@ -133,7 +133,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.num_images < 2:
         raise InputError(f"--num-images must be >= 2, got {args.num_images}")
-    models = [load_vit(args.model_a), load_vit(args.model_b)]
+    models = []
+    for flag, spec in (("--model-a", args.model_a), ("--model-b", args.model_b)):
+        try:
+            models.append(load_vit(spec))
+        except (InputError, UnknownNameError) as e:
+            raise UsageError(f"{flag}: {one_line(e)}") from None
     grams, names = [], []
     for model, data_cfg, _ in models:
         try:
