@@ -1,7 +1,9 @@
 """Helpers of the evaluation tests: real handwritten digits (scikit-learn) as images, and a small emoji package in
 the emoji-datasource layout built from them."""
 
+import gzip
 import json
+import struct
 
 import numpy as np
 from PIL import Image
@@ -44,3 +46,16 @@ def write_emoji_set(root, style: str = "twitter"):
                         f"has_img_{style}": True})
     (base / "emoji.json").write_text(json.dumps(entries))
     return base
+
+
+def write_idx_digits(root):
+    """Fashion-MNIST's idx layout (``train-*`` / ``t10k-*`` images and labels, 28x28) holding scikit-learn's
+    digits: the first 1000 as the training split, the rest as the test split."""
+    root.mkdir(parents=True, exist_ok=True)
+    imgs = np.stack([np.asarray(digit(i, 28, "L")) for i in range(len(DIGITS.images))])
+    for prefix, part in (("train", slice(0, 1000)), ("t10k", slice(1000, None))):
+        for kind, arr in (("images-idx3", imgs[part]), ("labels-idx1", DIGITS.target[part])):
+            header = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+            with gzip.open(root / f"{prefix}-{kind}-ubyte.gz", "wb") as f:
+                f.write(header + arr.astype(np.uint8).tobytes())
+    return root
