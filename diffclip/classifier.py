@@ -270,14 +270,14 @@ def load_vit(spec: str, device: str = "cpu") -> tuple[nn.Module, dict, str]:
     """
     import diffclip
 
-    name, _, pretrained = spec.partition("@")
+    name, pretrained = diffclip.factory.parse_model_spec(spec)
     if Path(spec).is_file():
         model, ckpt = load_classifier(spec, device)
         return model, ckpt["data_cfg"], \
             f"{ckpt['classifier']['model_name']} ({'/'.join(Path(spec).resolve().parts[-3:-1])})"
     if is_diffclip_name(name):
         try:
-            clip = diffclip.create_model(name, pretrained=pretrained or None)
+            clip = diffclip.create_model(name, pretrained=pretrained)
         except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
             raise InputError(f"{spec}: {one_line(e)}") from None
         data_cfg = _data_cfg(clip.visual, pretrained_cfg=_clip_data_cfg(clip))
