@@ -1,24 +1,32 @@
 # make test : create .venv, install the project with its test extras, lint, run the tests
 # make demo : the end-to-end demo (shards from real emoji data -> 2-process DDP training -> evaluation)
 # make study: the ablation study (CLIP vs DiffCLIP vs DiffCLIP* vs DiffCLIP†, 3 seeds) of studies/emoji_clipart.json
+# make constraints: rewrite constraints.txt (the exact versions CI tests) from a .venv made by `make venv`
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch/torchvision pinned to the builds this platform serves from disk
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv test test-data lint demo study bench clean
+.PHONY: venv constraints test test-data lint demo study bench clean
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# the project with its test extras, at the versions of constraints.txt (pyproject.toml declares only ranges)
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[test]' $(TORCH)
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]' $(TORCH)
 	touch $@
 
+# after adding or upgrading a dependency (pyproject.toml, then `.venv/bin/pip install` it), to pin what .venv holds
+constraints: venv
+	{ echo "# The exact versions CI tests: make venv installs with -c constraints.txt; make constraints rewrites it."; \
+	  $(PY) -m pip freeze --exclude-editable; } > constraints.txt
+	touch $(VENV)/.installed
+
 lint: venv
-	$(VENV)/bin/ruff check diffclip training eval bench tests
+	$(VENV)/bin/ruff check diffclip training eval bench tests scripts
 
 # the emoji sets (npm registry) let the emoji tests run on real files; without them those tests skip
 test-data:
