@@ -78,15 +78,18 @@ def _check_keys(obj, spec: dict, where: str) -> None:
         if key not in obj:
             if required:
                 raise UsageError(f"{where}: missing {key!r}")
-        elif not isinstance(obj[key], kind) or (isinstance(obj[key], bool) and kind in (int, float)):
+        elif not isinstance(obj[key], kind) or (isinstance(obj[key], bool) and bool not in _kinds(kind)):
             raise UsageError(f"{where}: {key!r} must be {_type_name(kind)}, got {json.dumps(obj[key])}")
 
 
+def _kinds(kind) -> tuple:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
 def _type_name(kind) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
     names = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object",
              type(None): "null"}
-    return " or ".join(names[k] for k in kinds)
+    return " or ".join(names[k] for k in _kinds(kind))
 
 
 def _check_flags(args: dict, where: str) -> None:
@@ -372,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                  study["output"])
         failures = execute(study, jobs, args.jobs, progress=not args.no_progress)
     run_info = None if args.report_only else {"wall_time": time.time() - t0, "jobs": args.jobs, "failures": failures,
-                                               "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])}
+                                               "command": " ".join(["python training/study.py", *(sys.argv[1:] if argv is None else argv)])}
     summary = write_summary(study, jobs, run_info)
     print(summary["markdown"])
     if failures:
