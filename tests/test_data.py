@@ -26,11 +26,15 @@ TRAIN_TF = diffclip.image_transform(_CFG, 32, is_train=True)
 VAL_TF = diffclip.image_transform(_CFG, 32, is_train=False)
 
 
+class LoaderHangs(BaseException):
+    """Not an Exception: the loader's own ``except Exception`` (a sample it skips) cannot swallow it."""
+
+
 @contextlib.contextmanager
 def deadline(seconds: int):
-    """Fails the test (TimeoutError) instead of hanging."""
+    """Fails the test (LoaderHangs) instead of hanging."""
     def on_alarm(signum, frame):
-        raise TimeoutError(f"no answer within {seconds} s: the loader hangs")
+        raise LoaderHangs(f"no answer within {seconds} s: the loader hangs")
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(seconds)
@@ -260,7 +264,7 @@ def test_shards_without_captions_fail_fast_naming_the_keys(tmp_path, fields, wor
     with wds.ShardWriter(str(folder / "%05d.tar"), maxcount=3, verbose=0, encoder=False) as sw:
         for i in range(12):
             sw.write({"__key__": f"{i:06d}", **{f: values[f] for f in fields}})
-    expected = (r"no sample in shard .*/\d{5}\.tar has both an image \(jpg/jpeg/png/webp\) and a caption \(txt\); "
+    expected = (r"no sample in shard .*/\d{5}\.tar has both an image \(jpg/jpeg/png/webp/bmp/ppm/pgm/tif/tiff/gif\) and a caption \(txt\); "
                 r"keys found: " + ", ".join(sorted(fields)))
     with deadline(60), pytest.raises(Exception, match=expected):
         list(_loader(_urls(folder), workers=workers, num_samples=12, seed=0, epoch=0).dataloader)
@@ -297,3 +301,45 @@ def test_a_training_set_with_nothing_usable_fails_instead_of_hanging(tmp_path, d
                                      + ("the last 140 shards drawn" if resampled else "a whole pass")):
         list(loader.dataloader)
     assert loader.stats.total > 0
+
+
+def test_captions_that_are_not_utf8_are_skipped_and_resume_stays_exact(tmp_path):
+    """Samples whose caption is not UTF-8 are skipped and counted like undecodable images; the resume position
+    counts usable samples only, so skip_batches still gives the tail of the uninterrupted epoch."""
+    from train_helpers import spoil_samples
+
+    folder = _write_photo_shards(tmp_path)
+    for shard, captions, images in ((0, (0, 3), (5,)), (1, (1,), ()), (2, (2, 4), (0,)), (3, (5,), ())):
+        spoil_samples(folder / f"{shard:05d}.tar", captions=captions, images=images)
+    for workers, skip in ((0, 3), (2, 3), (2, 4)):
+        kw = dict(batch_size=4, workers=workers, seed=7, epoch=1, num_samples=24)
+        info = _loader(_urls(folder), **kw)
+        with deadline(60):
+            full = list(info.dataloader)
+        assert len(full) == 6 and info.stats.samples_undecodable >= 8
+        assert not any("café" in c for c in _captions(full))
+        with deadline(60):
+            resumed = list(_loader(_urls(folder), skip_batches=skip, **kw).dataloader)
+        assert _same(full[skip:], resumed), (workers, skip)
+
+
+@pytest.mark.parametrize("workers,resampled", [(0, False), (1, False), (0, True)])
+def test_shards_whose_captions_are_never_utf8_fail_instead_of_hanging(tmp_path, caplog, workers, resampled):
+    """Every image decodes but no caption is UTF-8: a round of shards without one usable sample raises, naming
+    a sample of that round; the skipped samples are counted, but only a few of them are logged."""
+    from train_helpers import spoil_samples
+
+    folder = _write_photo_shards(tmp_path, per_shard=3)
+    for shard in range(N_SHARDS):
+        spoil_samples(folder / f"{shard:05d}.tar", captions=range(3))
+    loader = _loader(_urls(folder), workers=workers, num_samples=12, resampled=resampled)
+    where = "the last 140 shards drawn" if resampled else "a whole pass"
+    with caplog.at_level("WARNING"), deadline(90), \
+            pytest.raises(Exception, match=rf"no usable sample in {where} .*\(e\.g\. \d+ in .*/0000\d\.tar: "
+                                           r"caption is not UTF-8"):
+        list(loader.dataloader)
+    skipped = loader.stats.samples_undecodable
+    assert skipped >= 12 and loader.stats.samples_incomplete == 0
+    if workers == 0:  # the warnings of this process: a few, not one per sample
+        warned = [r for r in caplog.records if "skipping" in r.getMessage()]
+        assert 1 <= len(warned) <= 10 < skipped, (len(warned), skipped)

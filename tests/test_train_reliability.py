@@ -4,6 +4,8 @@ with another --model. Real processes on real shards (scikit-image photos)."""
 
 import io
 import json
+import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -132,3 +134,19 @@ def test_siglip_run_keeps_its_bias_in_checkpoints_and_export(data, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     resumed = [json.loads(x) for x in (tmp_path / "s2" / "results.jsonl").read_text().splitlines()]
     assert [x["logit_bias"] for x in resumed if x["type"] == "train"] == [train[-1]["logit_bias"]]
+
+
+def test_shards_whose_captions_are_never_utf8_stop_the_run_in_one_line(data, tmp_path):
+    """Every caption in Latin-1: the run stops with one line naming a sample and its shard (no loop), and the
+    skipped samples are logged a few times, not once each."""
+    from train_helpers import spoil_samples
+
+    shards = tmp_path / "latin1"
+    shutil.copytree(data["shards"], shards, ignore=shutil.ignore_patterns("val"))
+    for shard in shards.glob("*.tar"):
+        spoil_samples(shard, captions=range(14))
+    r = _run(_cmd({"shards": shards}, tmp_path, "l", "--workers", "1", "--dataset-resampled"), timeout=200)
+    line = _one_line(r.stderr)
+    assert r.returncode == 1 and re.search(r"no usable sample in .* \(e\.g\. \d+ in .*/0000\d\.tar: caption is not "
+                                           r"UTF-8", line), line
+    assert r.stderr.count("skipping") <= 10 and len(r.stderr) < 10_000, r.stderr[-3000:]

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 import torch
-from train_helpers import MODEL, _cmd, _env, _losses, _write_sources, run_killed_and_resumed
+from train_helpers import MODEL, _cmd, _env, _losses, _write_sources, run_killed_and_resumed, spoil_samples
 
 import diffclip
 
@@ -111,3 +111,25 @@ def test_torchcompile_run_matches_the_eager_run(runs, tmp_path):
     ckpt = diffclip.create_model(MODEL, pretrained=str(tmp_path / "compiled" / "checkpoints" / "epoch_2.pt"))
     for (k, a), (_, b) in zip(model.state_dict().items(), ckpt.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_resume_is_exact_when_some_captions_are_not_utf8(tmp_path):
+    """Shards with captions that are not UTF-8 (and an undecodable image) among good samples: a run resumed from a
+    mid-epoch checkpoint logs the same losses as the uninterrupted run (the data position counts usable samples)."""
+    shards, zs = _write_sources(tmp_path)
+    for shard, captions in enumerate(((0, 5, 9), (2, 3), (1, 7, 11), (4,))):
+        spoil_samples(shards / f"{shard:05d}.tar", captions=captions, images=(6,) if shard == 1 else ())
+    logs = tmp_path / "logs"
+    def run(name, *extra):  # one epoch of 6 steps
+        done = subprocess.run(_cmd(shards, zs, logs, name, "--epochs", "1", *extra), env=_env(),
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    run("full")
+    run("resumed", "--resume", str(logs / "full" / "checkpoints" / "step_2.pt"))
+    expected, got = _losses(logs / "full"), _losses(logs / "resumed")
+    assert sorted(got) == [3, 4, 5, 6]
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), (step, got[step], expected[step])
+    data = [json.loads(x) for x in (logs / "full" / "results.jsonl").read_text().splitlines()]
+    assert sum(r["samples_undecodable"] for r in data if r["type"] == "data") >= 6  # the bad samples were met

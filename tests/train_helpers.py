@@ -111,3 +111,25 @@ def run_killed_and_resumed(cmd, logs: Path, kill_after_step: int, wait: float = 
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     return {"logs": logs, "full": logs / "full", "killed": logs / "killed", "before_kill": before_kill,
             "resumed_stderr": resumed.stderr}
+
+
+def spoil_samples(shard: Path, captions=(), images=()) -> None:
+    """Rewrites one shard in place: the samples at the positions ``captions`` (in key order) get their caption in
+    Latin-1 (not UTF-8: ``"café"`` -> ``b"caf\\xe9"``), those at ``images`` an image that does not decode."""
+    import tarfile
+
+    import webdataset as wds
+
+    samples: dict[str, dict] = {}
+    with tarfile.open(shard) as tf:
+        for m in tf.getmembers():
+            key, ext = m.name.split(".", 1)
+            samples.setdefault(key, {"__key__": key})[ext] = tf.extractfile(m).read()
+    keys = sorted(samples)
+    for i in captions:
+        samples[keys[i]]["txt"] = "café ".encode("latin-1") + samples[keys[i]]["txt"]
+    for i in images:
+        samples[keys[i]]["jpg"] = b"\xff\xd8\xff\xe0 not a JPEG after all"
+    with wds.TarWriter(str(shard), encoder=False) as tw:
+        for key in keys:
+            tw.write(samples[key])
