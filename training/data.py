@@ -8,8 +8,8 @@ writes such shards). The pipeline is built from webdataset's pieces::
     -> wds.tarfile_to_samples (corrupt tar: skipped, logged, counted)
     -> sample check (image + caption; a shard with none fails fast, naming the keys it has)
     -> wds.shuffle (buffer seeded by seed, epoch, rank and worker)
-    -> decode (PIL RGB; undecodable image: skipped, logged, counted) -> skip to the resume position
-    -> transform + tokenise (augmentation seeded per sample)
+    -> decode image (PIL RGB) and caption (UTF-8), transform, tokenise (augmentation seeded per sample; a sample
+       that fails any of these: skipped, counted, logged a few times) -> skip to the resume position
     -> a fixed number of whole batches' samples per worker -> wds.batched -> the caller's RNG states restored
 
 Determinism and resume: for a given seed and epoch, every rank sees a fixed sequence of batches whatever the
@@ -18,13 +18,14 @@ it produces: batch ``g`` comes from role ``g % workers``), and the global torch 
 (seed, epoch, rank, role, position) for each sample's random crop (the caller's states are restored after each
 batch when the loader runs in the caller's process), so augmentation depends neither on timing nor on the
 caller's RNG. ``skip_batches=k`` rotates the roles so that the loader's first batch is batch ``k``, and each
-role skips its share of the first ``k`` batches *before* the transform (images are still decoded, so that an
-undecodable image shifts nothing), which makes the batches after a mid-epoch resume identical to those of the
-uninterrupted run.
+role drops its share of the first ``k`` batches' usable samples (they are still decoded and transformed, so a
+sample skipped for any reason shifts nothing), which makes the batches after a mid-epoch resume identical to those
+of the uninterrupted run.
 
 Equal work on every rank: a training epoch is ``num_samples // (batch_size * world_size)`` batches on every rank
 (split over the workers); a rank whose shards run out reads them again (next pass, reshuffled), so no rank can
-stop early and leave DDP waiting. Shards that yield no usable sample at all raise an error instead of looping.
+stop early and leave DDP waiting. Shards that yield no usable sample at all raise an error instead of looping:
+after a whole round of shards (a pass, or 10 x shards + 100 resampled draws) without one.
 """
 
 from __future__ import annotations
@@ -178,8 +179,9 @@ class SkipStats:
 
     Fields: ``shards_failed`` (a tar that could not be opened or read to its end: the samples after the damage
     are lost; counted once per read), ``samples_incomplete`` (no image or no caption), ``samples_undecodable``
-    (image decoding or the transform failed). Counts are for this process's loader (one rank); sum them over
-    ranks if needed. :meth:`reset` at the start of an epoch to get per-epoch counts.
+    (the image does not decode, the caption is not UTF-8, or the transform failed). Counts are for this process's
+    loader (one rank); sum them over ranks if needed. :meth:`reset` at the start of an epoch to get per-epoch
+    counts.
     """
 
     def __init__(self):
@@ -260,6 +262,7 @@ class _Plan:
         self.seed, self.batch_size, self.rank, self.world_size = seed, batch_size, rank, world_size
         self.num_workers, self.num_batches, self.shuffle_buffer = num_workers, num_batches, shuffle_buffer
         self.preprocess, self.tokenizer, self.stats, self.shared = preprocess, tokenizer, stats, shared
+        self._warned: dict[str, int] = {}  # skip warnings per kind, in this process
 
     def role(self) -> _Role:
         epoch, skip = self.shared.get() if self.is_train else (0, 0)
@@ -273,29 +276,44 @@ class _Plan:
         total = self.num_batches // w + (1 if role < self.num_batches % w else 0)
         return _Role(epoch, self.rank, role, done, total)
 
-    def on_sample_error(self, exn: Exception, where: str) -> None:
+    def warn_skip(self, kind: str, message: str) -> None:
+        """Logs a skip warning of ``kind`` (``"sample"``, ``"shard"``) the first 5 times in this process, then at
+        the 10th, 100th, 1000th... time: data with many bad samples gives a few lines, not one per sample (every
+        skip is counted in :attr:`stats`)."""
+        n = self._warned[kind] = self._warned.get(kind, 0) + 1
+        if n == 5:
+            log.warning("%s (further %s skips of this process are logged at the 10th, 100th, 1000th... and counted)",
+                        message, kind)
+        elif n < 5 or n == 10 ** (len(str(n)) - 1):
+            log.warning("%s%s", message, f" (the {n}th {kind} skipped by this process)" if n > 5 else "")
+
+    def skip_sample(self, where: str, reason: str) -> str:
+        """Counts (``samples_undecodable``) and logs (rate-limited) a sample that is skipped; returns
+        ``"WHERE: REASON"`` for error messages."""
         self.stats.add("samples_undecodable")
-        log.warning("skipping %s: %s: %s", where, type(exn).__name__, str(exn)[:200])
+        example = f"{where}: {reason[:200]}"
+        self.warn_skip("sample", f"skipping {example}")
+        return example
 
 
 # --------------------------------------------------------------------------------------------------------- stages
 # The flow: a source names the shards of this worker (``{"url", "pass_index", "round_index"}``), _ReadShards reads
 # each with webdataset's tar reader and yields the samples that have an image and a caption, _Shuffle, _Prepare
-# (decode, skip to the resume position, augment, tokenise), _Budget, batching. Each stage keeps its own state.
-# A training source never ends, so a dataset with nothing usable would hang: _ReadShards raises after a whole round
-# of shards (a pass, or 10 x shards + 100 resampled draws) without a sample, _Prepare after a round without a
-# decodable image.
+# (decode image and caption, augment, tokenise, skip to the resume position), _Budget, batching. Each stage keeps
+# its own state. A training source never ends, so a dataset with nothing usable would hang: _ReadShards raises after
+# a whole round of shards (a pass, or 10 x shards + 100 resampled draws) without a sample that has an image and a
+# caption, _Prepare after a round without a usable one (image decoded, caption UTF-8, transformed and tokenised).
 
 def _patience(plan: _Plan) -> int:
     """Resampled shard draws per round: a round without one usable sample is an error."""
     return 10 * len(plan.urls) + 100
 
 
-def _starved(plan: _Plan, what: str, example: str) -> RuntimeError:
+def _starved(plan: _Plan, what: str, example: str, warned: bool = True) -> RunError:
     r = plan.role()
     where = (f"the last {_patience(plan)} shards drawn by rank {plan.rank} worker {r.role}" if plan.resampled else
              f"a whole pass over the shards of rank {plan.rank} worker {r.role}")
-    return RuntimeError(f"no {what} in {where} (e.g. {example}); see the warnings above")
+    return RunError(f"no {what} in {where} (e.g. {example})" + ("; see the warnings above" if warned else ""))
 
 
 def _shard_source(plan: _Plan):
@@ -344,7 +362,7 @@ class _ReadShards(wds.PipelineStage):
         for shard in src:
             if shard["round_index"] != round_index:
                 if not found:
-                    raise _starved(self.plan, "readable sample", last_url)
+                    raise _starved(self.plan, "readable sample", last_url, warned=self.plan.stats.shards_failed > 0)
                 round_index, found = shard["round_index"], 0
             for sample in self._read(shard["url"], shard["pass_index"], round_index):
                 found += 1
@@ -364,8 +382,8 @@ class _ReadShards(wds.PipelineStage):
             if not failed:
                 failed.append(exn)
                 stats.add("shards_failed")
-                log.warning("skipping the rest of shard %s: %s: %s", url, type(exn).__name__,
-                            str(exn).split(" @ ")[0][:200])
+                self.plan.warn_skip("shard", f"skipping the rest of shard {url}: {type(exn).__name__}: "
+                                             f"{str(exn).split(' @ ')[0][:200]}")
             return True
 
         good = 0
@@ -398,10 +416,11 @@ class _Shuffle(wds.PipelineStage):
 
 
 class _Prepare(wds.PipelineStage):
-    """Decodes each sample (an undecodable image is skipped, logged and counted), skips this role's batches before
-    the resume position, then transforms and tokenises with the global torch and Python RNGs seeded per sample
-    (see :class:`_KeepCallerRng` for the caller's streams). Positions count decodable samples, and skipped
-    ones are still decoded, so an undecodable image shifts nothing on resume."""
+    """Makes each sample usable or skips it (logged, counted): decodes the image and the caption (UTF-8), transforms
+    and tokenises with the global torch and Python RNGs seeded per sample (see :class:`_KeepCallerRng` for the
+    caller's streams), then drops this role's samples before the resume position. Positions count usable samples,
+    and the samples before the resume position go through every step too, so a sample skipped for any reason
+    shifts nothing on resume."""
 
     def __init__(self, plan: _Plan):
         self.plan = plan
@@ -411,24 +430,26 @@ class _Prepare(wds.PipelineStage):
         r = plan.role()
         to_skip = r.batches_done * plan.batch_size if plan.is_train else 0
         base = _seed(plan.seed, r.epoch, "augment", r.rank, r.role)
-        position = -1
-        round_index, decoded = 0, 0  # the newest round seen (the shuffle may mix neighbouring ones)
+        position = 0  # usable samples so far in this role's sequence
+        round_index, usable, decoded = 0, 0, 0  # the newest round seen (the shuffle may mix neighbouring ones)
         last_failed = None
         for sample in src:
-            where = f"{sample.key} in {sample.url}"
             if sample.round_index > round_index:
-                if not decoded:
-                    raise _starved(plan, "decodable image", last_failed)
-                round_index, decoded = sample.round_index, 0
+                if not usable:
+                    raise _starved(plan, "usable sample" if decoded else "decodable image", last_failed)
+                round_index, usable, decoded = sample.round_index, 0, 0
+            where = f"{sample.key} in {sample.url}"
             try:
                 image = _decode_image(sample.image)
             except Exception as exn:
-                plan.on_sample_error(exn, where)
-                last_failed = where
+                last_failed = plan.skip_sample(where, f"image does not decode: {type(exn).__name__}: {exn}")
                 continue
             decoded += 1
-            position += 1
-            if position < to_skip:
+            try:
+                caption = sample.caption.decode("utf-8").strip()
+            except UnicodeDecodeError as exn:
+                last_failed = plan.skip_sample(where, f"caption is not UTF-8 (byte {exn.object[exn.start]:#04x} at "
+                                                        f"{exn.start})")
                 continue
             try:
                 if plan.is_train:
@@ -436,11 +457,14 @@ class _Prepare(wds.PipelineStage):
                     torch.random.default_generator.manual_seed(sample_seed)  # CPU only: transforms run there
                     random.seed(sample_seed)
                 image = plan.preprocess(image)
-                tokens = plan.tokenizer([sample.caption.decode("utf-8").strip()])[0]
+                tokens = plan.tokenizer([caption])[0]
             except Exception as exn:
-                plan.on_sample_error(exn, where)
+                last_failed = plan.skip_sample(where, f"transform failed: {type(exn).__name__}: {exn}")
                 continue
-            yield image, tokens
+            usable += 1
+            position += 1
+            if position > to_skip:
+                yield image, tokens
 
 
 class _KeepCallerRng(wds.PipelineStage):
@@ -545,6 +569,8 @@ def get_wds_loader(urls, preprocess, tokenizer, *, batch_size: int, num_samples:
     Raises:
         ValueError: unknown dataset size, too few samples or shards for the split, bad arguments.
         FileNotFoundError: a local shard that does not exist.
+        diffclip.errors.RunError (a RuntimeError), while iterating: a round of shards without one usable sample
+            (a training set of which nothing decodes would otherwise never end).
     """
     if isinstance(urls, str):
         urls, spec_weights = expand_urls(urls, upsampling_factors if isinstance(upsampling_factors, str) else None)
