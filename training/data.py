@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import hashlib
 import io
 import itertools
 import json
@@ -51,13 +50,14 @@ from PIL import Image
 from torch.utils.data import get_worker_info
 
 from diffclip.errors import InputError, RunError
+from diffclip.images import IMAGE_EXTENSIONS
+from diffclip.runtime import stable_seed as _seed
 
 __all__ = ["IMAGE_EXTENSIONS", "CAPTION_EXTENSION", "expand_urls", "get_dataset_size", "SkipStats", "DataInfo",
            "get_wds_loader"]
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSION = "txt"
 _WANTED = frozenset((*IMAGE_EXTENSIONS, CAPTION_EXTENSION))
 _STAT_FIELDS = ("shards_failed", "samples_incomplete", "samples_undecodable")
@@ -226,11 +226,6 @@ class _SharedEpoch:
     def get(self) -> tuple[int, int]:
         with self._value.get_lock():
             return self._value[0], self._value[1]
-
-
-def _seed(*parts) -> int:
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 class _Sample(NamedTuple):
