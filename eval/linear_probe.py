@@ -45,7 +45,6 @@ import numpy as np
 import torch
 from diffclip.eval import readers
 from diffclip.eval.common import (
-    add_model_args,
     cache_key,
     extract_image_features,
     limit,
@@ -55,9 +54,9 @@ from diffclip.eval.common import (
     weights_fingerprint,
 )
 from diffclip.eval.protocols import MEAN_PER_CLASS_DATASETS, fewshot, paper_linear_probe
-from diffclip.eval.runner import run_program
+from diffclip.eval.runner import program_parser, run_program
 
-from diffclip.cli import ArgumentParser, UsageError, positive_float, positive_int, run, unit_interval
+from diffclip.cli import UsageError, positive_float, positive_int, run, unit_interval
 from diffclip.errors import InputError
 from diffclip.files import write_bytes, write_json, write_text
 from diffclip.metrics import classification_metrics
@@ -296,9 +295,8 @@ def add_probe_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
-                                epilog="datasets: paper (the 9 sets), " + ", ".join(readers.list_datasets("classification")))
-    add_model_args(p, seed=False)  # one seed flag: --seed/--seeds (add_probe_args)
+    p = program_parser(__doc__, "datasets: paper (the 9 sets), " + ", ".join(readers.list_datasets("classification")),
+                       seed=False)  # one seed flag: --seed/--seeds (add_probe_args)
     p.add_argument("--dataset", required=True, nargs="+", help="dataset name(s); 'paper' = the paper's 9 sets")
     p.add_argument("--data-root", default=None, help="dataset folder, or a root holding one folder per dataset")
     add_probe_args(p)

@@ -18,7 +18,6 @@ import time
 import torch
 from diffclip.eval import readers
 from diffclip.eval.common import (
-    add_model_args,
     encode_texts,
     extract_image_features,
     limit,
@@ -26,9 +25,9 @@ from diffclip.eval.common import (
     model_transform,
     result_record,
 )
-from diffclip.eval.runner import run_program
+from diffclip.eval.runner import program_parser, run_program
 
-from diffclip.cli import ArgumentParser, positive_int, run
+from diffclip.cli import positive_int, run
 from diffclip.metrics import retrieval_metrics
 from diffclip.runtime import get_autocast
 
@@ -75,9 +74,7 @@ def evaluate_dataset(model, preprocess, tokenizer, dataset, *, model_name: str, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
-                                epilog="datasets: " + ", ".join(readers.list_datasets("retrieval")))
-    add_model_args(p)
+    p = program_parser(__doc__, "datasets: " + ", ".join(readers.list_datasets("retrieval")))
     p.add_argument("--dataset", required=True, help="mscoco, flickr30k, flickr8k, wds, csv, jsonl, emoji-twitter, "
                                                     "emoji-google")
     p.add_argument("--data-root", default=None, help="dataset folder (csv/jsonl: the file)")

@@ -19,10 +19,10 @@ import logging
 
 import torch
 from diffclip.eval import readers, zeroshot
-from diffclip.eval.common import add_model_args, dataset_name, parse_roots
-from diffclip.eval.runner import run_program
+from diffclip.eval.common import dataset_name, parse_roots
+from diffclip.eval.runner import program_parser, run_program
 
-from diffclip.cli import ArgumentParser, run
+from diffclip.cli import run
 from diffclip.errors import InputError
 from diffclip.files import write_json, write_text
 from diffclip.zero_shot import format_prompts
@@ -92,8 +92,7 @@ def _reference_name(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    add_model_args(p)
+    p = program_parser(__doc__)
     p.add_argument("--datasets", nargs="+", type=dataset_name(), default=list(SHIFTS),
                    help="shift sets (default: %(default)s)")
     p.add_argument("--data-root", default=None, help="root holding each set in its usual folder")

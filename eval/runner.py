@@ -22,13 +22,22 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from diffclip.eval.common import load_model
+from diffclip.eval.common import add_model_args, load_model
 
-from diffclip.cli import setup_logging
+from diffclip.cli import ArgumentParser, setup_logging
 from diffclip.files import check_writable, write_json
 from diffclip.runtime import resolve_device, seed_everything
 
 log = logging.getLogger("diffclip.eval")
+
+
+def program_parser(doc: str, epilog: str | None = None, seed: bool = True) -> ArgumentParser:
+    """A program's parser: the first paragraph of its docstring ``doc`` as the description, ``epilog`` below the
+    flags, and :func:`diffclip.eval.common.add_model_args`'s flags (``seed=False``: the program has its own)."""
+    p = ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+                       epilog=epilog)
+    add_model_args(p, seed)
+    return p
 
 
 def write_record(path: str | None, record: dict) -> None:

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 from diffclip.eval import readers
-from diffclip.eval.common import add_model_args, limit, make_loader, model_transform, result_record
-from diffclip.eval.runner import run_program
+from diffclip.eval.common import limit, make_loader, model_transform, result_record
+from diffclip.eval.runner import program_parser, run_program
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from diffclip.cli import ArgumentParser, one_line, run
+from diffclip.cli import one_line, run
 from diffclip.errors import InputError
 from diffclip.files import write_bytes
 from diffclip.metrics import classification_metrics, rank_of
@@ -144,9 +144,7 @@ def evaluate_dataset(model, preprocess, tokenizer, dataset, *, model_name: str, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
-                                epilog="datasets: " + ", ".join(readers.list_datasets("classification")))
-    add_model_args(p)
+    p = program_parser(__doc__, "datasets: " + ", ".join(readers.list_datasets("classification")))
     p.add_argument("--dataset", required=True, help="dataset name (see below), e.g. imagenet1k, fashion-mnist, "
                                                     "emoji-twitter, wds, folder")
     p.add_argument("--data-root", default=None, help="dataset folder (or a root holding it); the default for "
