@@ -12,6 +12,7 @@ import csv
 import html
 import json
 import os
+import hashlib
 import random
 import re
 from dataclasses import dataclass, field
@@ -20,13 +21,21 @@ from pathlib import Path
 from PIL import Image
 
 from diffclip.errors import InputError
-from diffclip.runtime import stable_seed
 
 __all__ = ["Record", "SourceNotInstalled", "SkipSample", "EMOJI_TEMPLATES", "CLIPART_TEMPLATES", "SKIN_TONES",
            "DEFAULT_INPUTS", "emoji_name", "emoji_caption", "read_csv_source", "read_emoji_source",
            "read_openclipart_source", "read_source", "record_caption"]
 
 GET_DEMO_DATA = "scripts/get_demo_data.sh"
+
+
+def record_seed(*parts) -> int:
+    """The per-record seed of the shard format (caption template, augmentation): BLAKE2b of the parts joined by
+    a unit separator. Not ``diffclip.runtime.stable_seed`` (which hashes ``repr(parts)``): this one fixes the
+    bytes of every shard written so far, and with them the demo's and the study's documented numbers."""
+    digest = hashlib.blake2b("\x1f".join(str(p) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
 DEFAULT_INPUTS = {
     "noto-emoji": "data/sources/emoji-datasource-google",
     "twitter-emoji": "data/sources/emoji-datasource-twitter",
@@ -109,7 +118,7 @@ def read_csv_source(path: str | os.PathLike) -> list[Record]:
     records = []
     for i, (p, caption, extra) in enumerate(rows):
         full = Path(p) if os.path.isabs(p) else base / p
-        records.append(Record(str(full), caption.strip(), {"filepath": p, **extra}, stable_seed("csv", i)))
+        records.append(Record(str(full), caption.strip(), {"filepath": p, **extra}, record_seed("csv", i)))
     return records
 
 
@@ -204,7 +213,7 @@ def read_emoji_source(root: str | os.PathLike, caption_style: str = "varied") ->
             if not variant.get(f"has_img_{image_set}", True):
                 continue
             image = root / "img" / image_set / "64" / variant["image"]
-            seed = stable_seed("emoji", variant["unified"])
+            seed = record_seed("emoji", variant["unified"])
             caption = emoji_name(entry, skin) if caption_style == "plain" else emoji_caption(entry, skin, seed)
             meta = {"name": emoji_name(entry, skin), "short_names": entry.get("short_names") or [],
                     "category": entry.get("category"), "subcategory": entry.get("subcategory"),
@@ -314,7 +323,7 @@ def read_openclipart_source(root: str | os.PathLike = "/usr/share/openclipart") 
         svg = svg_dir / rel.with_suffix(".svg")
         meta = {"categories": categories, "file": str(rel), "source": "openclipart",
                 "svg": str(svg) if svg.exists() else None}
-        records.append(Record(str(p), None, meta, stable_seed("openclipart", key)))
+        records.append(Record(str(p), None, meta, record_seed("openclipart", key)))
     return records
 
 
