@@ -9,10 +9,10 @@ The emoji aliases kept in captions follow the same rule as the evaluation captio
 from __future__ import annotations
 
 import csv
+import hashlib
 import html
 import json
 import os
-import hashlib
 import random
 import re
 from dataclasses import dataclass, field
