@@ -26,17 +26,34 @@ def list_models() -> list[str]:
     return sorted(_CONFIGS)
 
 
+def _saved_config(path: Path, where: str) -> dict:
+    """The ``config.json`` of ``save_pretrained`` at ``path`` (read from ``where``), checked to be ours."""
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{where}: config.json is not JSON ({e})") from None
+    if not isinstance(cfg, dict) or not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+        raise InputError(f"{where}: config.json is not a diffclip config (no embed_dim/vision_cfg/text_cfg); for a "
+                         "transformers CLIPModel or open_clip folder give an OpenCLIP-* name and pretrained=" + where)
+    return cfg
+
+
 def get_model_config(name: str) -> dict:
-    """A copy of the config of ``name``: a bundled name, or ``hf-hub:org/repo`` (its ``config.json``).
+    """A copy of the config of ``name``: a bundled name, ``hf-hub:org/repo`` or a local folder written by
+    ``save_pretrained`` (its ``config.json``, which also holds the ``model_name`` it was saved from).
 
     Raises:
-        ValueError: for an unknown name (the message lists the known ones).
+        ValueError: for an unknown name (the message lists the known ones), or a ``config.json`` that is not a
+        diffclip config; FileNotFoundError, ConnectionError: see :func:`diffclip.hub.download`.
     """
+    if name in _CONFIGS:
+        return copy.deepcopy(_CONFIGS[name])
     if name.startswith(hub.HF_HUB_PREFIX):
-        return json.loads(Path(hub.download(name[len(hub.HF_HUB_PREFIX):], "config.json")).read_text())
-    if name not in _CONFIGS:
-        raise InputError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
-    return copy.deepcopy(_CONFIGS[name])
+        return _saved_config(Path(hub.download(name[len(hub.HF_HUB_PREFIX):], "config.json")), name)
+    if (Path(name).expanduser() / "config.json").is_file():
+        return _saved_config(Path(name).expanduser() / "config.json", name)
+    raise InputError(f"unknown model {name!r}; known models: {', '.join(list_models())} (or hf-hub:org/repo, or a "
+                     "folder written by save_pretrained)")
 
 
 def parse_model_spec(spec: str) -> tuple[str, str | None]:
@@ -56,7 +73,8 @@ def create_model(name: str, pretrained: str | None = None, device: str | torch.d
     """Builds a named model and optionally loads weights.
 
     Args:
-        name: a name from :func:`list_models`, or ``hf-hub:org/repo`` of a model saved by ``save_pretrained``.
+        name: a name from :func:`list_models`, or ``hf-hub:org/repo`` or a local folder of a model saved by
+            ``save_pretrained`` (config and weights both come from there; ``pretrained`` defaults to it).
         pretrained: None (random init), a release tag of the model (``cc3m``/``cc12m`` for
             ``DiffCLIP-ViT-B-16``), ``hf-hub:org/repo[/file]``, a local directory or a checkpoint file
             (safetensors, our checkpoints, the authors' ``checkpoint_best.pt``, open_clip/OpenAI weights).
@@ -71,23 +89,26 @@ def create_model(name: str, pretrained: str | None = None, device: str | torch.d
 
     Raises:
         ValueError: unknown name, an empty ``pretrained`` string, a weights file that is empty, truncated or not a
-        checkpoint; FileNotFoundError: missing weights; RuntimeError: weights that do not fit;
+        checkpoint; FileNotFoundError: missing weights; RuntimeError (``WeightsMismatchError``): weights that do not
+        fit, or weights saved with a config that differs from ``name``'s (``config.json`` beside them: the fields
+        that differ are named);
         pickle.UnpicklingError: a pickle that needs types outside the allow-list. Each a one-line message naming
         the file.
     """
     if pretrained is not None and not str(pretrained).strip():
         raise InputError("pretrained='' names no weights: give a release tag, hf-hub:org/repo, a directory or a "
                          "file, or None for random initialisation")
-    if pretrained is None and name.startswith(hub.HF_HUB_PREFIX):
-        pretrained = name
     cfg = get_model_config(name)
+    if pretrained is None and name not in _CONFIGS:  # hf-hub:org/repo or a saved folder: its weights
+        pretrained = name
+    cfg["model_name"] = cfg.get("model_name") or name
     if init_logit_scale is not None:
         cfg["init_logit_scale"] = init_logit_scale
     if init_logit_bias is not None:
         cfg["init_logit_bias"] = init_logit_bias
     model = DiffCLIP(**cfg)
     if pretrained is not None:
-        hub.load_pretrained(model, pretrained, model_name=name)
+        hub.load_pretrained(model, pretrained, model_name=cfg["model_name"])
         model.eval()
     return model.to(device) if device is not None else model
 

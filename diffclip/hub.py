@@ -17,6 +17,7 @@ Formats read by :func:`load_pretrained`:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import pickle
@@ -31,6 +32,7 @@ from safetensors.torch import load_file
 
 from .errors import InputError, WeightsMismatchError, one_line
 from .hf_clip import check_hf_config, hf_clip_to_open_clip, is_hf_clip_state_dict
+from .open_clip_format import OPEN_CLIP_CONFIG, check_open_clip_config
 
 __all__ = ["HF_HUB_PREFIX", "RELEASES", "CHECKPOINT_SAFE_GLOBALS", "download", "resolve_pretrained", "torch_load", "check_state_dict",
            "read_state_dict", "convert_open_clip_state_dict", "load_state_dict", "load_pretrained"]
@@ -293,27 +295,54 @@ def load_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source:
     model.load_state_dict(sd, strict=True)
 
 
+def _file_beside(path: str, pretrained: str, filename: str) -> Path | None:
+    """``filename`` in the folder of the weights file ``path``, or at the root of the hub repo of ``pretrained``
+    (None when there is none, or the hub cannot be reached)."""
+    local = Path(path).parent / filename
+    if local.is_file():
+        return local
+    if pretrained.startswith(HF_HUB_PREFIX):
+        try:
+            return Path(download("/".join(pretrained[len(HF_HUB_PREFIX):].split("/")[:2]), filename))
+        except (FileNotFoundError, ConnectionError):
+            return None
+    return None
+
+
+def _json_or_none(path: Path | None) -> Any:
+    try:
+        return json.loads(path.read_text()) if path is not None else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
 def load_pretrained(model: torch.nn.Module, pretrained: str, model_name: str | None = None) -> str:
     """Resolves ``pretrained`` (:func:`resolve_pretrained`), reads it (:func:`read_state_dict`), converts
-    open_clip layouts and loads it strictly (:func:`load_state_dict`).
+    open_clip layouts and loads it strictly (:func:`load_state_dict`). The config saved beside the weights is
+    checked first against the model's: our ``config.json`` (``DiffCLIP.check_saved_config``: every field that
+    differs is named), a transformers ``config.json`` (:func:`diffclip.hf_clip.check_hf_config`) or an
+    ``open_clip_config.json`` (:func:`diffclip.open_clip_format.check_open_clip_config`: ``quick_gelu``, heads).
 
     Returns:
         The local file that was loaded.
     """
     path = resolve_pretrained(pretrained, model_name)
     sd = read_state_dict(path)
+    # the config saved beside the weights, checked against the config the model was built from
+    config = _file_beside(path, pretrained, "config.json") if hasattr(model, "vision_cfg") else None
+    saved = _json_or_none(config)
+    if isinstance(saved, dict) and "vision_cfg" in saved and hasattr(model, "check_saved_config"):  # ours
+        model.check_saved_config(saved, source=str(config))
     if is_hf_clip_state_dict(sd):  # a transformers CLIPModel: its config.json sits beside the weights
-        config = Path(path).parent / "config.json"
-        if not config.is_file() and pretrained.startswith(HF_HUB_PREFIX):
-            try:
-                config = Path(download("/".join(pretrained[len(HF_HUB_PREFIX):].split("/")[:2]), "config.json"))
-            except FileNotFoundError:
-                pass
-        if config.is_file() and hasattr(model, "vision_cfg"):  # checked against the config the model was built from
+        if config is not None:
             check_hf_config(config, {"vision_cfg": model.vision_cfg, "text_cfg": model.text_cfg},
                             model_name or type(model).__name__)
         sd = hf_clip_to_open_clip(sd)
     if is_open_clip_state_dict(sd):
+        oc_config = _file_beside(path, pretrained, OPEN_CLIP_CONFIG) if hasattr(model, "vision_cfg") else None
+        if oc_config is not None:
+            check_open_clip_config(oc_config, {"vision_cfg": model.vision_cfg, "text_cfg": model.text_cfg},
+                                   model_name or type(model).__name__)
         sd = convert_open_clip_state_dict(sd)
     # SigLIP's bias (open_clip's rule, but keeping the model's initial value where open_clip puts 0): weights that
     # have one give the model one; a model built with one keeps its initial value when the weights have none

@@ -10,6 +10,8 @@ is the CLIP baseline.
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 import os
 import shutil
@@ -18,18 +20,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin
+from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, WeightsMismatchError
 from .text import Transformer
 from .vision import vision_tower
 
-__all__ = ["DiffCLIP"]
+__all__ = ["DiffCLIP", "config_differences"]
 
 
-class DiffCLIP(nn.Module, PyTorchModelHubMixin, library_name="diffclip", tags=["diffclip", "clip"],
-               repo_url="https://github.com/diffclip/diffclip"):
+class DiffCLIP(nn.Module, PyTorchModelHubMixin, library_name="diffclip", tags=["diffclip", "clip"]):
     """Dual encoder with an image tower (timm ViT) and a causal text tower.
 
     Args:
@@ -42,14 +43,20 @@ class DiffCLIP(nn.Module, PyTorchModelHubMixin, library_name="diffclip", tags=["
         init_logit_scale: initial log of the logit scale (log(1/0.07) as in CLIP).
         init_logit_bias: None (CLIP and the release: no bias), or the initial value of SigLIP's learnable 0-d
             ``logit_bias`` (SigLIP: -10), as open_clip's ``init_logit_bias``.
+        model_name: the config's name (``DiffCLIP-ViT-B-16``), kept in ``config.json`` and the model card;
+            :func:`diffclip.create_model` sets it.
 
     ``save_pretrained(dir)`` / ``from_pretrained(repo_id_or_dir)`` / ``push_to_hub(repo_id)`` come from
-    huggingface_hub's ``PyTorchModelHubMixin`` and write ``config.json`` + ``model.safetensors``.
+    huggingface_hub's ``PyTorchModelHubMixin`` and write ``config.json`` (every argument above, the name
+    included: ``diffclip.create_model(dir)`` rebuilds the model from it) + ``model.safetensors`` + a model card
+    ``README.md`` (:mod:`diffclip.card`).
     """
 
     def __init__(self, embed_dim: int, vision_cfg: dict, text_cfg: dict, preprocess_cfg: dict | None = None,
-                 init_logit_scale: float = math.log(1 / 0.07), init_logit_bias: float | None = None):
+                 init_logit_scale: float = math.log(1 / 0.07), init_logit_bias: float | None = None,
+                 model_name: str | None = None):
         super().__init__()
+        self.model_name = model_name
         self.embed_dim = embed_dim
         self.vision_cfg, self.text_cfg = dict(vision_cfg), dict(text_cfg)
         self.preprocess_cfg = dict(preprocess_cfg or {})
@@ -68,16 +75,56 @@ class DiffCLIP(nn.Module, PyTorchModelHubMixin, library_name="diffclip", tags=["
         self.logit_bias = None if init_logit_bias is None else nn.Parameter(torch.tensor(float(init_logit_bias)))
         self.init_parameters()
 
+    @property
+    def model_config(self) -> dict:
+        """The config the model was built from (the keyword arguments of ``DiffCLIP``, as saved in
+        ``config.json``), without ``model_name``; a copy."""
+        return {k: v for k, v in copy.deepcopy(self._hub_mixin_config or {}).items() if k != "model_name"}
+
+    def check_saved_config(self, saved: dict, source: str) -> None:
+        """Checks the config that weights were saved with (``config.json`` of ``save_pretrained``, or a training
+        checkpoint's ``model_config``) against this model's: the architecture fields and the preprocessing must be
+        equal (``init_logit_scale``/``init_logit_bias`` are initial values, not compared). Equal shapes are not
+        enough: ``DiffCLIP-Tiny-64`` and ``DiffCLIP-Sched-Tiny-64`` differ only in ``lambda_init``.
+
+        Raises:
+            WeightsMismatchError: one line naming ``source``, both model names and every field that differs.
+        """
+        differ = config_differences(saved, self.model_config)
+        if differ:
+            theirs = f" (saved from {saved['model_name']})" if saved.get("model_name") else ""
+            raise WeightsMismatchError(
+                f"{source}{theirs} has another config than {self.model_name or 'this model'} (saved vs model): "
+                f"{'; '.join(differ)}; load it without a name (create_model(folder)) or with the name it was saved as")
+
+    def generate_model_card(self, location: str | None = None, repo_id: str | None = None,
+                            training: dict | None = None, license: str = "mit") -> ModelCard:
+        """The ``README.md`` that ``save_pretrained``/``push_to_hub`` write: :func:`diffclip.card.model_card`
+        for this model (``model_card_kwargs`` of those methods are this method's arguments)."""
+        from .card import model_card
+
+        return model_card(self.model_name, self.model_config, n_params=sum(p.numel() for p in self.parameters()),
+                          location=location, repo_id=repo_id, training=training, license=license)
+
+    def push_to_hub(self, repo_id: str, *, model_card_kwargs: dict | None = None, **kwargs):
+        """huggingface_hub's ``push_to_hub``, with a model card whose usage snippet names ``hf-hub:<repo_id>``."""
+        return super().push_to_hub(repo_id, model_card_kwargs={"repo_id": repo_id, **(model_card_kwargs or {})},
+                                   **kwargs)
+
     def save_pretrained(self, save_directory: str | Path, **kwargs):
-        """Writes ``config.json`` + ``model.safetensors`` (+ a model card) like huggingface_hub's mixin, but
-        atomically: into a temporary sibling directory first, then each file is moved into place with
-        ``os.replace``, so an interrupted save never leaves a half-written file. ``kwargs`` are the mixin's
-        (``push_to_hub=True, repo_id=...`` also uploads)."""
+        """Writes ``config.json`` + ``model.safetensors`` + a model card ``README.md``
+        (:meth:`generate_model_card`) like huggingface_hub's mixin, but atomically: into a temporary sibling
+        directory first, then each file is moved into place with ``os.replace``, so an interrupted save never
+        leaves a half-written file. ``kwargs`` are the mixin's (``push_to_hub=True, repo_id=...`` also uploads;
+        ``model_card_kwargs=dict(training=...)`` adds a training section to the card)."""
         target = Path(save_directory)
         target.parent.mkdir(parents=True, exist_ok=True)
+        card = {"location": str(target), **(kwargs.pop("model_card_kwargs", None) or {})}
+        if kwargs.get("repo_id"):
+            card.setdefault("repo_id", kwargs["repo_id"])
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
-            result = super().save_pretrained(tmp, **kwargs)
+            result = super().save_pretrained(tmp, model_card_kwargs=card, **kwargs)
             target.mkdir(exist_ok=True)
             for f in sorted(tmp.iterdir()):
                 os.replace(f, target / f.name)
@@ -142,3 +189,23 @@ class DiffCLIP(nn.Module, PyTorchModelHubMixin, library_name="diffclip", tags=["
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias
         return out
+
+
+#: config fields that are initial values only: not compared by :meth:`DiffCLIP.check_saved_config`
+_INITIAL_VALUES = ("model_name", "init_logit_scale", "init_logit_bias")
+
+
+def config_differences(saved: dict, own: dict) -> list[str]:
+    """The fields in which two model configs differ, as ``"vision_cfg.lambda_init 0.8 vs 'schedule'"`` (saved vs own),
+    nested dicts compared field by field, lists and tuples alike, a missing field shown as ``absent``; the
+    initial values ``init_logit_scale``/``init_logit_bias`` and ``model_name`` are left out."""
+    out = []
+    for key in sorted(set(saved) | set(own)):
+        if key in _INITIAL_VALUES:
+            continue
+        a, b = saved.get(key, "absent"), own.get(key, "absent")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{d}" for d in config_differences(a, b)]
+        elif json.loads(json.dumps(a)) != json.loads(json.dumps(b)):
+            out.append(f"{key} {a!r} vs {b!r}")
+    return out

@@ -123,6 +123,28 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.parametrize("fmt", ["plain-pickle", "legacy-torch"])
+def test_a_code_running_non_zip_pickle_is_one_unpickling_error_naming_the_global(tmp_path, fmt):
+    import warnings
+
+    evil = _RunsCode()
+    evil.marker = str(tmp_path / "pwned")
+    path = tmp_path / "evil.pt"
+    if fmt == "plain-pickle":  # protocol 4: an opcode torch's weights-only unpickler stops at, before the global
+        path.write_bytes(pickle.dumps({"state_dict": {"w": torch.zeros(1)}, "payload": evil}, protocol=4))
+    else:
+        torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": evil}, path, _use_new_zipfile_serialization=False,
+                   pickle_protocol=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's UserWarning about the protocol must not reach the user
+        with pytest.raises(pickle.UnpicklingError) as e:
+            read_state_dict(str(path))
+    message = str(e.value)
+    assert not (tmp_path / "pwned").exists()
+    assert "\n" not in message and str(path) in message and "pathlib.Path.touch" in message, message
+    assert "weights_only" not in message and "False" not in message, message
+
+
 def test_clear_errors_for_missing_and_mismatched_weights(tiny, tmp_path):
     with pytest.raises(FileNotFoundError, match="pretrained weights not found: 'nowhere.pt'"):
         create_model("DiffCLIP-Tiny-64", pretrained="nowhere.pt")
@@ -130,9 +152,15 @@ def test_clear_errors_for_missing_and_mismatched_weights(tiny, tmp_path):
     with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
         create_model("DiffCLIP-Tiny-64", pretrained=str(tmp_path / "empty"))
     tiny.save_pretrained(tmp_path / "diff")
-    # differential weights into the standard twin: the lambda/diff_norm names are listed
-    with pytest.raises(RuntimeError, match=r"0 missing keys \[\], 50 unexpected keys \[.*visual.blocks.0.attn.lambda_q1"):
+    # the folder's config.json names the fields first
+    with pytest.raises(RuntimeError, match=r"diff/config.json \(saved from DiffCLIP-Tiny-64\) has another config than "
+                                           r"CLIP-Tiny-64 \(saved vs model\): text_cfg.attn_type 'diff' vs 'standard'; "
+                                           r"vision_cfg.attn_type 'diff' vs 'standard'; load it without a name"):
         create_model("CLIP-Tiny-64", pretrained=str(tmp_path / "diff"))
+    # the weights without their config: differential weights into the standard twin, the lambda/diff_norm names listed
+    shutil.copy(tmp_path / "diff" / "model.safetensors", tmp_path / "bare.safetensors")
+    with pytest.raises(RuntimeError, match=r"0 missing keys \[\], 50 unexpected keys \[.*visual.blocks.0.attn.lambda_q1"):
+        create_model("CLIP-Tiny-64", pretrained=str(tmp_path / "bare.safetensors"))
     # same names, other shapes: a wrong-architecture checkpoint
     cfg = diffclip.get_model_config("DiffCLIP-Tiny-64")
     cfg["embed_dim"] = 64
@@ -140,7 +168,7 @@ def test_clear_errors_for_missing_and_mismatched_weights(tiny, tmp_path):
         load_state_dict(DiffCLIP(**cfg), dict(tiny.state_dict()), source="tiny")
     message = ""
     try:
-        create_model("DiffCLIP-ViT-B-32", pretrained=str(tmp_path / "diff"))
+        create_model("DiffCLIP-ViT-B-32", pretrained=str(tmp_path / "bare.safetensors"))
     except RuntimeError as e:
         message = str(e)
     assert "\n" not in message and "missing keys" in message and "visual.blocks.11.norm1.weight" in message
