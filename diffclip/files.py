@@ -2,13 +2,17 @@
 
 Every output is written to a temporary name in the destination folder and renamed over the destination
 (``os.replace``, atomic on POSIX), with the mode any other new file would get (0644 under the usual umask).
+The temporary of ``NAME`` is ``.NAME.XXXXXXXX.tmp`` (:func:`stale_temporaries` finds those a killed process left).
+A full disk (or quota) is one ``OSError`` (errno ENOSPC) naming the file, with the temporary removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,27 +27,63 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
+def _disk_full(exc: BaseException | None) -> OSError | None:
+    """The ENOSPC/EDQUOT error behind ``exc``: itself or one it was raised from or during (torch's
+    ``inline_container.cc ... unexpected pos`` RuntimeError is raised while the file's OSError is handled)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # tempfile.mkstemp's 8 random characters
+
+
+def stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """The temporaries of :func:`atomic_write` in ``folder`` (``.NAME.XXXXXXXX.tmp``), sorted: left by a process
+    killed during a write when no write is running now. Other files are never listed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _TEMPORARY.fullmatch(p.name) and p.is_file())
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
-    """Opens a temporary file beside ``path`` (``mode`` ``"w"`` text or ``"wb"`` binary); on a clean exit of the
-    ``with`` block it is flushed, fsynced and renamed over ``path``; on an exception it is removed and ``path`` is
-    untouched. Parent folders are created. Raises OSError when the folder cannot be written."""
+    """Opens a temporary file beside ``path`` (``mode`` ``"w"`` text or ``"wb"`` binary; named
+    ``.NAME.XXXXXXXX.tmp``); on a clean exit of the ``with`` block it is flushed, fsynced and renamed over
+    ``path``; on an exception it is removed and ``path`` is untouched. Parent folders are created.
+
+    Raises:
+        OSError: the folder cannot be written; a full disk or quota (ENOSPC/EDQUOT, also behind another error
+            such as torch's serializer's RuntimeError) is an OSError with errno ENOSPC and the one-line message
+            ``PATH: no space left on device``.
+    """
     if mode not in ("w", "wb"):
         raise InputError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.chmod(tmp, _umask_mode())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        full = _disk_full(e)
+        if full is None:
+            raise
+        quota = " (disk quota exceeded)" if full.errno == errno.EDQUOT else ""
+        raise OSError(errno.ENOSPC, f"{path}: no space left on device{quota}") from None
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

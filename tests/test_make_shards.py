@@ -129,6 +129,20 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, code, named):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_or_folder_in_the_csv_is_skipped_and_counted_not_read(tmp_path):
+    _photo("coffee", 32).save(tmp_path / "ok.png")
+    os.mkfifo(tmp_path / "pipe.png")  # opening it for reading would wait for a writer forever
+    (tmp_path / "dir.png").mkdir()
+    (tmp_path / "c.csv").write_text("filepath,caption\nok.png,coffee\npipe.png,a pipe\ndir.png,a folder\n")
+    r = subprocess.run([sys.executable, "-m", "diffclip.training.make_shards", "--source", "csv", "--input",
+                        str(tmp_path / "c.csv"), "--output", str(tmp_path / "out"), "--no-progress"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "out" / "make_shards.json").read_text())
+    assert summary["train"]["samples"] == 1 and summary["skipped_reasons"] == {"not a regular file": 2}
+
+
 def test_tsv_and_jsonl_sources_and_byte_identical_reruns(tmp_path):
     for name in PHOTOS[:3]:
         _photo(name).save(tmp_path / f"{name}.png")

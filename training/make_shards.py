@@ -21,11 +21,14 @@ Images are converted to RGB (transparent pixels composited on white, so transpar
 white after JPEG encoding), then resized to ``--image-size`` by ``--resize-mode``: ``pad`` (default: the longer
 side to the size, keeping the aspect ratio, centred on a white square; nothing is cropped away, the train-time
 RandomResizedCrop does the cropping), ``shorter`` (the shorter side to the size, as img2dataset's default) or
-``crop`` (shorter side, then a centre crop to a square). Without ``--image-size`` the size is kept.
+``crop`` (shorter side, then a centre crop to a square). Without ``--image-size`` the size is kept. A listed file
+that is missing, not a regular file (a FIFO, a device, a folder: never opened) or not decodable is skipped and
+counted by reason in ``make_shards.json``.
 
 Records are shuffled with ``--seed`` before they are split into val and train and cut to ``--max-samples``, so
-shards mix categories; for the same input and seed the shards are byte-identical. Each shard is written to
-``NNNNN.tar.tmp`` and renamed when complete; ``sizes.json`` is written to a temporary name and renamed too.
+shards mix categories; for the same input and seed the shards are byte-identical. Each shard, ``sizes.json`` and
+``make_shards.json`` are written by :mod:`diffclip.files` to a temporary ``.NAME.XXXXXXXX.tmp`` and renamed when
+complete; a full disk ends the run with one line naming the file, its temporary removed (completed shards stay).
 
 Usage::
 
@@ -36,11 +39,13 @@ Usage::
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import json
 import logging
 import os
 import random
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +63,7 @@ from PIL import Image
 
 from diffclip.cli import ArgumentParser, UsageError, nonneg_int, positive_int, run, setup_logging, unit_interval
 from diffclip.errors import InputError
-from diffclip.files import check_writable, write_json
+from diffclip.files import atomic_write, check_writable, stale_temporaries, write_json
 from diffclip.images import to_rgb
 
 __all__ = ["IMAGE_FORMATS", "RESIZE_MODES", "encode_image", "write_shards", "read_csv_source", "build_parser", "main",
@@ -100,9 +105,12 @@ def encode_image(path: str, image_size: int | None = None, resize_mode: str = "p
     """Loads an image file (raster, or SVG through cairosvg), makes it RGB on white, resizes and encodes it.
 
     Returns ``(encoded bytes, original (w, h), written (w, h))``. Raises :class:`SkipSample` when the file is
-    missing or cannot be decoded.
+    missing, not a regular file (a FIFO, a device or a folder: never opened, as reading one could wait forever)
+    or cannot be decoded.
     """
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise SkipSample("not a regular file")
         if path.lower().endswith(".svg"):
             import cairosvg
 
@@ -111,6 +119,8 @@ def encode_image(path: str, image_size: int | None = None, resize_mode: str = "p
         else:
             im = Image.open(path)
         im.load()
+    except SkipSample:
+        raise
     except FileNotFoundError:
         raise SkipSample("missing image") from None
     except Exception as exn:  # undecodable image: PIL, cairosvg and XML errors alike
@@ -152,36 +162,77 @@ def _load(job: tuple[Record, _Options]):
 
 
 # ---------------------------------------------------------------------------------------------------------- writer
+class _Aborted(Exception):
+    """Ends a shard whose split stops because of an error elsewhere."""
+
+
 class _SplitWriter:
-    """One split (train or val): a webdataset ShardWriter whose shards are written as ``.tar.tmp`` and renamed."""
+    """One split (train or val): webdataset tars of ``samples_per_shard`` samples, each written through
+    :func:`diffclip.files.atomic_write` (a temporary ``.NNNNN.tar.XXXXXXXX.tmp``, renamed when the shard is
+    complete; removed, and a full disk named, when it fails)."""
+
+    max_bytes = 3e9  # as webdataset's ShardWriter: a shard also ends past 3 GB
 
     def __init__(self, directory: Path, samples_per_shard: int, fmt: str):
+        self.directory, self.samples_per_shard, self.fmt = directory, samples_per_shard, fmt
+        self.sizes: dict[str, int] = {}
+        self.count = 0  # samples written in this split: the next key
+        self._file = self._tar = None
+        self._in_shard = self._bytes = 0
+
+    def _open(self) -> None:
         import webdataset as wds
 
-        self.directory, self.fmt, self.sizes = directory, fmt, {}
-        directory.mkdir(parents=True, exist_ok=True)
-        self.writer = wds.ShardWriter(str(directory / "%05d.tar.tmp"), maxcount=samples_per_shard, verbose=0,
-                                      post=self._finished, encoder=False, mtime=0)
-        self.count = 0
+        self._name = f"{len(self.sizes):05d}.tar"
+        self._file = atomic_write(self.directory / self._name, "wb")
+        self._tar = wds.TarWriter(self._file.__enter__(), encoder=False, mtime=0)
+        self._in_shard = self._bytes = 0
 
-    def _finished(self, fname: str) -> None:
-        count = self.writer.count
-        if count == 0:
-            os.remove(fname)
-            return
-        final = fname[: -len(".tmp")]
-        os.replace(fname, final)
-        self.sizes[os.path.basename(final)] = count
+    def _finish(self) -> None:
+        try:
+            self._tar.close()
+        except BaseException as e:
+            self._drop(e)
+            raise
+        file, self._file = self._file, None
+        file.__exit__(None, None, None)
+        self.sizes[self._name] = self._in_shard
+
+    def _drop(self, error: BaseException) -> None:
+        """Ends the shard being written after ``error``: its temporary is removed, and a full disk is raised as
+        the OSError naming the shard."""
+        file, self._file = self._file, None
+        if file is not None:
+            with contextlib.suppress(Exception):  # marks tarfile's stream closed, or it flushes into a closed file
+                self._tar.close()
+            file.__exit__(type(error), error, error.__traceback__)
 
     def write(self, data: bytes, caption: str, meta: dict) -> None:
+        """Adds one sample (``KEY.<fmt>``, ``KEY.txt``, ``KEY.json``). Raises OSError naming the shard when it
+        cannot be written (a full disk: ``PATH: no space left on device``)."""
+        if self._file is None:
+            self._open()
         key = f"{self.count:09d}"
         meta = {"key": key, **meta}
-        self.writer.write({"__key__": key, self.fmt: data, "txt": caption.encode("utf-8"),
-                           "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")})
+        try:
+            self._bytes += self._tar.write({"__key__": key, self.fmt: data, "txt": caption.encode("utf-8"),
+                                            "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()})
+        except BaseException as e:
+            self._drop(e)
+            raise
         self.count += 1
+        self._in_shard += 1
+        if self._in_shard >= self.samples_per_shard or self._bytes >= self.max_bytes:
+            self._finish()
+
+    def abort(self) -> None:
+        """Drops the shard being written, if any (its temporary is removed); completed shards stay."""
+        self._drop(_Aborted())
 
     def close(self) -> dict:
-        self.writer.close()
+        """Completes the last shard and writes ``sizes.json``; returns ``{"shards": n, "samples": n}``."""
+        if self._file is not None:
+            self._finish()
         if self.sizes:
             write_json(self.directory / "sizes.json", self.sizes, indent=1)
         return {"shards": len(self.sizes), "samples": sum(self.sizes.values())}
@@ -189,7 +240,8 @@ class _SplitWriter:
 
 def _clear_output(out: Path, overwrite: bool) -> None:
     existing = [p for d in (out, out / "val") if d.is_dir()
-                for p in list(d.glob("*.tar")) + list(d.glob("*.tar.tmp")) + list(d.glob("sizes.json"))]
+                for p in list(d.glob("*.tar")) + list(d.glob("*.tar.tmp")) + list(d.glob("sizes.json"))
+                + stale_temporaries(d)]  # left by a run killed while writing
     if existing and not overwrite:
         raise FileExistsError(f"{out} already holds shards ({len(existing)} files); pass --overwrite to replace them")
     for p in existing:
@@ -248,10 +300,14 @@ def write_shards(records: list[Record], output: str | os.PathLike, *, samples_pe
                 log.debug("skipped %s: %s", records[i].path, caption)
                 continue
             writers["val" if i < n_val else "train"].write(data, caption, meta)
+        summary_splits = {name: w.close() for name, w in writers.items()}
+    except BaseException:  # completed shards stay; the ones being written are removed
+        for w in writers.values():
+            w.abort()
+        raise
     finally:
         if pool is not None:
             pool.terminate()
-        summary_splits = {name: w.close() for name, w in writers.items()}
     summary = {"output": str(out), "source": source, "records": len(records), **summary_splits,
                "skipped": sum(skipped.values()), "skipped_reasons": dict(skipped),
                "options": {"samples_per_shard": samples_per_shard, "image_size": image_size,
