@@ -1,6 +1,7 @@
-"""A real loopback HTTP server that serves files the way the Hugging Face hub does for ``hf_hub_download``:
+"""Real loopback HTTP servers. HubServer serves files the way the Hugging Face hub does for ``hf_hub_download``:
 ``HEAD``/``GET /{org}/{repo}/resolve/{revision}/{path}`` with ``X-Repo-Commit`` and ``ETag`` headers, and
-``X-Error-Code`` on 404s. Tests point ``HF_ENDPOINT`` at it; huggingface_hub itself is not mocked."""
+``X-Error-Code`` on 404s. Tests point ``HF_ENDPOINT`` at it; huggingface_hub itself is not mocked.
+ResettingServer resets every connection; FolderServer serves the files of a folder."""
 
 from __future__ import annotations
 
@@ -103,3 +104,34 @@ class ResettingServer:
 
     def __exit__(self, *exc):
         self.sock.close()
+
+
+class FolderServer:
+    """A loopback HTTP server of a folder's files (the standard library's ``SimpleHTTPRequestHandler``: plain
+    ``GET``, 404 for a missing file), as a web server or a bucket's HTTP endpoint serves shards and images.
+    ``requests`` lists the paths asked for."""
+
+    def __init__(self, root: Path):
+        import functools
+        from http.server import SimpleHTTPRequestHandler
+
+        requests = self.requests = []
+
+        class Handler(SimpleHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def send_head(self):
+                requests.append(self.path)
+                return super().send_head()
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __enter__(self):
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()

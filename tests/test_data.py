@@ -117,6 +117,67 @@ def test_get_dataset_size(shards, tmp_path):
         get_dataset_size([str(shards / "00009.tar")])
 
 
+
+def _img2dataset_stats(folder, counts):
+    """The ``NNNNN_stats.json`` img2dataset writes beside each shard (its fields, ``successes`` among them)."""
+    for i, n in enumerate(counts):
+        (folder / f"{i:05d}_stats.json").write_text(json.dumps(
+            {"count": n + 1, "successes": n, "failed_to_download": 1, "failed_to_resize": 0,
+             "status_dict": {"success": n, "HTTP Error 404: File not found": 1}}, indent=4))
+
+
+def test_dataset_size_from_img2dataset_stats(shards, tmp_path):
+    """Without sizes.json, each shard's img2dataset _stats.json gives its count; a shard without one (an unfinished
+    shard) or a malformed file is an error naming the file."""
+    folder = tmp_path / "i2d"
+    folder.mkdir()
+    for i in range(N_SHARDS):
+        (folder / f"{i:05d}.tar").write_bytes((shards / f"{i:05d}.tar").read_bytes())
+    _img2dataset_stats(folder, [PER_SHARD, PER_SHARD, PER_SHARD - 1])
+    urls = _urls(folder)
+    assert get_dataset_size(urls[:3]) == (3 * PER_SHARD - 1, 3)
+    with pytest.raises(ValueError, match=r"00003.tar has no .*00003_stats.json.*--train-num-samples"):
+        get_dataset_size(urls)
+    info = _loader(urls[:3], is_train=False, preprocess=VAL_TF)  # exact per-worker batch counts, no count given
+    assert info.num_samples == 3 * PER_SHARD - 1 and info.num_batches == len(list(info.dataloader)) == 5
+    (folder / "00001_stats.json").write_text('{"count": 7}')
+    with pytest.raises(ValueError, match="00001_stats.json: expected img2dataset's shard statistics"):
+        get_dataset_size(urls[:3])
+    (folder / "00000_stats.json").unlink()
+    with pytest.raises(ValueError, match="no sizes.json, 00000_stats.json .img2dataset. or __len__"):
+        get_dataset_size(urls[:3])
+
+
+def test_remote_shards_counts_and_batches_over_http(shards, tmp_path):
+    """Shards on a web server (loopback): sizes.json, img2dataset's _stats.json and __len__ are fetched from beside
+    them, the loader reads the tars over HTTP; a folder with none of them or a server that is down fails in one
+    line naming the URL."""
+    from hf_server import FolderServer
+
+    (tmp_path / "made").symlink_to(shards)  # make_shards' folder, with its sizes.json
+    for name in ("i2d", "len", "plain"):
+        (tmp_path / name).mkdir()
+    for i in range(2):
+        (tmp_path / "i2d" / f"{i:05d}.tar").write_bytes((shards / f"{i:05d}.tar").read_bytes())
+    _img2dataset_stats(tmp_path / "i2d", [PER_SHARD, PER_SHARD])
+    (tmp_path / "len" / "__len__").write_text("99\n")
+    with FolderServer(tmp_path) as server:
+        made = f"{server.url}/made/{{00000..00003}}.tar"
+        assert get_dataset_size(expand_urls(made)[0]) == (N_SHARDS * PER_SHARD, N_SHARDS)
+        assert get_dataset_size(expand_urls(f"{server.url}/i2d/{{00000..00001}}.tar")[0]) == (2 * PER_SHARD, 2)
+        assert "/i2d/00001_stats.json" in server.requests
+        assert get_dataset_size([f"{server.url}/len/0.tar"]) == (99, 1)
+        with pytest.raises(ValueError, match="no sizes.json, 0_stats.json .img2dataset. or __len__ in http"):
+            get_dataset_size([f"{server.url}/plain/0.tar"])
+        info = _loader(made, is_train=False, preprocess=VAL_TF)  # no count given: sizes.json fetched
+        with deadline(60):
+            batches = list(info.dataloader)
+        assert sorted(_captions(batches)) == sorted(CAPTIONS)
+        assert "/made/sizes.json" in server.requests and "/made/00003.tar" in server.requests
+        url = server.url
+    with pytest.raises(OSError, match=f"cannot read {url}/x/sizes.json: .*[Cc]onnection refused"):
+        get_dataset_size([f"{url}/x/00000.tar"])
+
 def test_batches_are_images_and_tokens(shards):
     info = _loader(_urls(shards), batch_size=5, seed=1)
     assert isinstance(info, DataInfo) and isinstance(info.stats, SkipStats)

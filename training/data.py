@@ -1,8 +1,9 @@
 """Webdataset input pipeline for contrastive training: shards in the img2dataset layout -> (images, texts) batches.
 
-Shards hold samples ``KEY.jpg|jpeg|png|webp`` + ``KEY.txt`` (caption), optionally ``KEY.json``; a ``sizes.json``
-(shard basename -> count) or ``__len__`` file beside them gives the sample counts (``training/make_shards.py``
-writes such shards). The pipeline is built from webdataset's pieces::
+Shards hold samples ``KEY.jpg|jpeg|png|webp`` + ``KEY.txt`` (caption), other files ignored (img2dataset's
+``KEY.json``). The sample counts are read from beside the shards, local or remote (:func:`get_dataset_size`): a
+``sizes.json`` (shard basename -> count; ``training/make_shards.py`` writes it), img2dataset's
+``NNNNN_stats.json`` of each shard, or a ``__len__`` file. The pipeline is built from webdataset's pieces::
 
     shard list (seeded per epoch, split by rank, then by DataLoader worker; or weighted resampling)
     -> wds.tarfile_to_samples (corrupt tar: skipped, logged, counted)
@@ -40,6 +41,8 @@ import math
 import multiprocessing
 import os
 import random
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -107,12 +110,48 @@ def expand_urls(spec: str, weights: str | None = None) -> tuple[list[str], list[
     return urls, url_weights
 
 
-def _read_sizes(path: str) -> dict:
+def _read_text(path: str) -> str | None:
+    """The text of a local or remote file: ``http(s)://`` with urllib, other schemes (``s3://``, ``gs://``...)
+    through fsspec; None when the file does not exist (HTTP 404/410). ``pipe:`` URLs have no folder to look in:
+    None.
+
+    Raises:
+        OSError: the file exists but cannot be read, the server cannot be reached or answers with another error.
+        diffclip.errors.InputError: a scheme that needs fsspec (or its backend, e.g. s3fs) when it is not installed.
+    """
+    if path.startswith("pipe:"):
+        return None
+    if "://" not in path:
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    if path.split("://", 1)[0].lower() in ("http", "https"):
+        try:
+            with urllib.request.urlopen(path, timeout=60) as response:
+                return response.read().decode("utf-8")
+        except urllib.error.HTTPError as e:
+            if e.code in (404, 410):
+                return None
+            raise OSError(f"cannot read {path}: HTTP {e.code} {e.reason}") from None
+        except (urllib.error.URLError, TimeoutError) as e:
+            raise OSError(f"cannot read {path}: {getattr(e, 'reason', e)}") from None
+    try:
+        import fsspec
+
+        with fsspec.open(path, "r", encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+    except ImportError as e:  # fsspec, or the backend of the scheme (s3fs, gcsfs...)
+        raise InputError(f"reading {path} needs fsspec and its backend for this scheme: {e}") from None
+
+
+def _parse_counts(path: str, text: str) -> dict:
     """A ``sizes.json`` (shard basename -> sample count). Raises ValueError naming the file and line when it is not
     a JSON object of counts."""
     try:
-        with open(path) as f:
-            table = json.load(f)
+        table = json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"{path}:{e.lineno}: not JSON ({e.msg}); expected {{shard name: sample count}}") from None
     if not isinstance(table, dict) or not all(isinstance(v, int) for v in table.values()):
@@ -120,48 +159,102 @@ def _read_sizes(path: str) -> dict:
     return table
 
 
-def _shard_sizes(urls: list[str]) -> list[int] | None:
-    """Per-shard sample counts from ``sizes.json`` beside each shard; None when any is unknown."""
-    cache: dict[str, dict | None] = {}
-    sizes = []
-    for url in urls:
-        folder, name = os.path.split(url)
-        if folder not in cache:
-            path = os.path.join(folder, "sizes.json")
-            cache[folder] = _read_sizes(path) if os.path.isfile(path) else None
-        table = cache[folder]
-        if table is None or name not in table:
-            return None
-        sizes.append(int(table[name]))
-    return sizes
+def _parse_stats(path: str, text: str) -> int:
+    """The ``successes`` of an img2dataset ``<shard>_stats.json`` (the samples its tar holds)."""
+    try:
+        stats = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: not JSON ({e.msg}); expected img2dataset's shard statistics") from None
+    if not isinstance(stats, dict) or not isinstance(stats.get("successes"), int):
+        raise InputError(f"{path}: expected img2dataset's shard statistics, a JSON object with an integer "
+                         f"'successes'")
+    return stats["successes"]
 
 
-def get_dataset_size(urls: list[str]) -> tuple[int, int]:
-    """``(num_samples, num_shards)`` of local shards, from ``sizes.json`` beside them (shard basename -> count)
-    or, failing that, a ``__len__`` file (the sample count of the whole folder, open_clip's convention).
+def _stats_name(shard: str) -> str:
+    """img2dataset's statistics file of a shard: ``00012.tar`` -> ``00012_stats.json``."""
+    return (shard[:-len(".tar")] if shard.endswith(".tar") else os.path.splitext(shard)[0]) + "_stats.json"
+
+
+def _folder_counts(folder: str, names: list[str], strict: bool = True) -> list[int] | None:
+    """The sample count of each shard ``names`` of ``folder`` (local or remote): from ``sizes.json``, else from
+    each shard's img2dataset ``<shard>_stats.json``; None when the folder has neither (or, not ``strict``, when
+    a shard is missing from them).
 
     Raises:
-        ValueError: the count of some shard is unknown (give ``--train-num-samples`` then).
+        ValueError: (``strict``) a shard missing from the ``sizes.json`` or without the ``_stats.json`` its
+            neighbours have; a malformed file.
+        OSError: a remote file that cannot be fetched.
     """
-    total = 0
+    sizes_path = os.path.join(folder, "sizes.json")
+    text = _read_text(sizes_path)
+    if text is not None:
+        table = _parse_counts(sizes_path, text)
+        missing = [n for n in names if n not in table]
+        if missing and strict:
+            raise InputError(f"shard {missing[0]} is not listed in {sizes_path} ({len(missing)} missing); "
+                             f"pass --train-num-samples")
+        return None if missing else [int(table[n]) for n in names]
+    counts = []
+    for name in names:
+        stats_path = os.path.join(folder, _stats_name(name))
+        text = _read_text(stats_path)
+        if text is None:
+            if counts and strict:
+                raise InputError(f"shard {name} has no {stats_path} beside it, as the shards before it have "
+                                 f"(did img2dataset finish it?); pass --train-num-samples")
+            return None
+        counts.append(_parse_stats(stats_path, text))
+    return counts
+
+
+def _by_folder(urls: list[str]) -> dict[str, list[str]]:
     folders: dict[str, list[str]] = {}
     for url in urls:
         folder, name = os.path.split(url)
         folders.setdefault(folder, []).append(name)
-    for folder, names in folders.items():
-        sizes_path, len_path = os.path.join(folder, "sizes.json"), os.path.join(folder, "__len__")
-        if os.path.isfile(sizes_path):
-            table = _read_sizes(sizes_path)
-            missing = [n for n in names if n not in table]
-            if missing:
-                raise InputError(f"shard {missing[0]} is not listed in {sizes_path} ({len(missing)} missing); "
-                                 f"pass --train-num-samples")
-            total += sum(int(table[n]) for n in names)
-        elif os.path.isfile(len_path):
-            total += int(ast.literal_eval(open(len_path).read().strip()))
-        else:
-            raise InputError(f"cannot tell how many samples {os.path.join(folder, names[0])} holds: no sizes.json "
-                             f"or __len__ in {folder or '.'}; pass --train-num-samples")
+    return folders
+
+
+def _shard_sizes(urls: list[str]) -> list[int] | None:
+    """Per-shard sample counts (``sizes.json`` or img2dataset's ``_stats.json`` beside each shard), in the order
+    of ``urls``; None when any is unknown."""
+    known: dict[str, int] = {}
+    for folder, names in _by_folder(urls).items():
+        counts = _folder_counts(folder, names, strict=False)
+        if counts is None:
+            return None
+        known.update({os.path.join(folder, n): c for n, c in zip(names, counts)})
+    return [known[url] for url in urls]
+
+
+def get_dataset_size(urls: list[str]) -> tuple[int, int]:
+    """``(num_samples, num_shards)`` of shards, local or remote (``http(s)://``; ``s3://`` and other fsspec
+    schemes when fsspec and the scheme's backend are installed). The counts are read from beside the shards:
+    ``sizes.json`` (shard basename -> count, as ``training/make_shards.py`` writes), else img2dataset's
+    ``<shard>_stats.json`` of each shard (its ``successes``: the samples the tar holds), else a ``__len__`` file
+    (the sample count of the whole folder, open_clip's convention).
+
+    Raises:
+        ValueError: the count of some shard is unknown (give ``--train-num-samples`` then), a malformed file.
+        OSError: a remote file that exists but cannot be fetched (server down, HTTP 403/500...).
+    """
+    total = 0
+    for folder, names in _by_folder(urls).items():
+        counts = _folder_counts(folder, names)
+        if counts is not None:
+            total += sum(counts)
+            continue
+        len_path = os.path.join(folder, "__len__")
+        text = _read_text(len_path)
+        if text is None:
+            raise InputError(f"cannot tell how many samples {os.path.join(folder, names[0])} holds: no sizes.json, "
+                             f"{_stats_name(names[0])} (img2dataset) or __len__ in {folder or '.'}; "
+                             f"pass --train-num-samples")
+        try:
+            total += int(ast.literal_eval(text.strip()))
+        except (ValueError, SyntaxError, TypeError):
+            raise InputError(f"{len_path}: expected a number of samples, found {text.strip()[:40]!r}") from None
     return total, len(urls)
 
 
@@ -551,7 +644,7 @@ def get_wds_loader(urls, preprocess, tokenizer, *, batch_size: int, num_samples:
         preprocess: the image transform (PIL RGB image -> tensor), e.g. ``create_model_and_transforms(...)[1]``.
         tokenizer: list of n strings -> LongTensor (n, context), e.g. ``diffclip.get_tokenizer(name)``.
         batch_size: per rank.
-        num_samples: samples per epoch over all ranks; None: from ``sizes.json``/``__len__``.
+        num_samples: samples per epoch over all ranks; None: from the files beside the shards (:func:`get_dataset_size`).
         resampled: draw shards with replacement (weights: ``upsampling_factors``, one per URL or a ``::`` spec).
         is_train: shuffling, a fixed number of full batches per epoch and per-sample seeded augmentation; else one
             ordered pass over the shards (split by rank and worker) with a partial last batch.
