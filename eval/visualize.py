@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="a text query (repeat it): draw, per query and model, where a CLIP model looks when the "
                         "image is matched against it (Chefer et al. 2021 relevance; --checkpoint and --contrast "
                         "are then diffclip CLIP models NAME[@PRETRAINED])")
+    p.add_argument("--start-layer", type=int, default=-1,
+                   help="--query: the first block the relevance is propagated through (Chefer's start_layer): -1 "
+                        "the last block only (default, as Chefer's CLIP notebook), 0 every block")
     p.add_argument("--output", required=True, help="PNG path (a JSON is written beside it)")
     args = p.parse_args(argv)
     check_writable(args.output, "--output")
@@ -258,13 +261,15 @@ def _query_maps(args) -> int:
         model, _, preprocess = diffclip.create_model_and_transforms(name, pretrained=pretrained)
         loaded.append((spec, name, model.eval(), preprocess, diffclip.get_tokenizer(name)))
     image, _, source = _load_image(args, None)
-    results, record = [], {"source": source, "queries": args.query, "method": "Chefer et al. 2021", "models": {}}
+    results, record = [], {"source": source, "queries": args.query, "method": "Chefer et al. 2021",
+                           "start_layer": args.start_layer, "models": {}}
     for spec, name, model, preprocess, tok in loaded:
         x = preprocess(image)[None]
-        maps = [text_query_relevance(model, x, tok([q])) for q in args.query]
+        maps = [text_query_relevance(model, x, tok([q]), start_layer=args.start_layer) for q in args.query]
         results.append((spec if len(spec) <= 40 else name, maps))
         record["models"][spec] = {q: m.tolist() for q, m in zip(args.query, maps)}
-    title = f"relevance of each text query (Chefer et al. 2021): {source}"
+    blocks = "last block" if args.start_layer == -1 else f"blocks {args.start_layer}+"
+    title = f"relevance of each text query (Chefer et al. 2021, {blocks}): {source}"
     size = loaded[0][2].visual.patch_embed.img_size
     plot_queries(image.resize(tuple(size)), results, args.query, title, args.output)
     write_json(Path(args.output).with_suffix(".json"), record)
