@@ -9,7 +9,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: venv constraints test test-data lint demo study bench clean
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed $(VENV)/img2dataset/.installed
 
 # the project with its test extras, at the versions of constraints.txt (pyproject.toml declares only ranges)
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -19,11 +19,19 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]' $(TORCH)
 	touch $@
 
+# img2dataset, run by tests/test_img2dataset.py, in a venv of its own: it pins webdataset<0.3 and pandas<3
+$(VENV)/img2dataset/.installed: constraints-img2dataset.txt
+	python3 -m venv $(VENV)/img2dataset
+	$(VENV)/img2dataset/bin/pip install -q -c constraints-img2dataset.txt img2dataset
+	touch $@
+
 # after adding or upgrading a dependency (pyproject.toml, then `.venv/bin/pip install` it), to pin what .venv holds
 constraints: venv
 	{ echo "# The exact versions CI tests: make venv installs with -c constraints.txt; make constraints rewrites it."; \
 	  $(PY) -m pip freeze --exclude-editable; } > constraints.txt
-	touch $(VENV)/.installed
+	{ sed -n '1,2p' constraints-img2dataset.txt; $(VENV)/img2dataset/bin/pip freeze; } > constraints-img2dataset.txt.new
+	mv constraints-img2dataset.txt.new constraints-img2dataset.txt
+	touch $(VENV)/.installed $(VENV)/img2dataset/.installed
 
 lint: venv
 	$(VENV)/bin/ruff check diffclip training eval bench tests scripts

@@ -43,7 +43,7 @@ _ALIASES = {
 }
 
 #: readers of any data in a generic layout: a result names the data by the argument given (``wds/<x>``, ``folder/<x>``)
-GENERIC_READERS = ("wds", "folder", "csv", "jsonl")
+GENERIC_READERS = ("wds", "folder", "csv", "jsonl", "img2dataset")
 
 
 def register(name: str, task: str, layout: str, **kw):

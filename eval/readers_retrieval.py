@@ -8,7 +8,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from diffclip.eval.readers_base import DatasetNotFoundError, RetrievalDataset, exists_or_raise
+from diffclip.eval.readers_base import DatasetNotFoundError, RetrievalDataset, TarShardDataset, exists_or_raise
 from diffclip.eval.readers_registry import REGISTRY, register
 
 from diffclip.errors import InputError
@@ -99,3 +99,19 @@ register("jsonl", "retrieval", _CSV_LAYOUT, splits=(), default_split="all")(
     lambda root, split, transform, **kw: _caption_table(root, split, transform, "jsonl", **kw))
 REGISTRY[("retrieval", "csv")].description = "a CSV/TSV of filepath,caption (several rows per image allowed)"
 REGISTRY[("retrieval", "jsonl")].description = "a JSONL of {filepath, caption} (several rows per image allowed)"
+
+
+_I2D_LAYOUT = ("<root>/{00000,00001,...}.tar as img2dataset writes them (--output_format webdataset --caption_col ...): "
+               "samples <key>.{jpg|png|webp} + <key>.txt (the caption); its .parquet and _stats.json files are not read")
+
+
+@register("img2dataset", "retrieval", _I2D_LAYOUT, splits=(), default_split="all")
+def _img2dataset(root, split, transform):
+    """a folder of img2dataset webdataset shards: each image with its caption"""
+    shards = sorted(str(p) for p in Path(root).glob("*.tar")) if Path(root).is_dir() else []
+    if not shards:
+        raise DatasetNotFoundError(f"dataset 'img2dataset': no .tar shards in {root}; expected layout: {_I2D_LAYOUT}")
+    dataset = TarShardDataset(shards, transform, "retrieval")
+    # one caption per image, as the trainer reads it (the wds reader takes each line of a .txt as a caption)
+    dataset.captions = [[" ".join(lines)] if lines else [] for lines in dataset.captions]
+    return dataset
