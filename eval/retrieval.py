@@ -75,9 +75,10 @@ def evaluate_dataset(model, preprocess, tokenizer, dataset, *, model_name: str, 
 
 def build_parser() -> argparse.ArgumentParser:
     p = program_parser(__doc__, "datasets: " + ", ".join(readers.list_datasets("retrieval")))
-    p.add_argument("--dataset", required=True, help="mscoco, flickr30k, flickr8k, wds, csv, jsonl, emoji-twitter, "
-                                                    "emoji-google")
-    p.add_argument("--data-root", default=None, help="dataset folder (csv/jsonl: the file)")
+    p.add_argument("--dataset", required=True, help="mscoco, flickr30k, flickr8k, wds, img2dataset, csv, jsonl, "
+                                                    "emoji-twitter, emoji-google")
+    p.add_argument("--data-root", default=None, help="dataset folder (csv/jsonl: the file; img2dataset: its "
+                                                     "--output_folder)")
     p.add_argument("--split", default=None, help="split (default: test; 'all' for csv/jsonl/emoji)")
     p.add_argument("--annotations", default=None, help="Karpathy split JSON (default: <root>/dataset_<name>.json)")
     p.add_argument("--recall-k", type=positive_int, nargs="+", default=[1, 5, 10])
