@@ -24,6 +24,7 @@ from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from torch import nn
 
 from .errors import InputError, WeightsMismatchError
+from .files import _umask_mode
 from .text import Transformer
 from .vision import vision_tower
 
@@ -95,7 +96,7 @@ class DiffCLIP(nn.Module, PyTorchModelHubMixin, library_name="diffclip", tags=["
             theirs = f" (saved from {saved['model_name']})" if saved.get("model_name") else ""
             raise WeightsMismatchError(
                 f"{source}{theirs} has another config than {self.model_name or 'this model'} (saved vs model): "
-                f"{'; '.join(differ)}; load it without a name (create_model(folder)) or with the name it was saved as")
+                f"{'; '.join(differ)}")
 
     def generate_model_card(self, location: str | None = None, repo_id: str | None = None,
                             training: dict | None = None, license: str = "mit") -> ModelCard:
@@ -127,6 +128,7 @@ class DiffCLIP(nn.Module, PyTorchModelHubMixin, library_name="diffclip", tags=["
             result = super().save_pretrained(tmp, model_card_kwargs=card, **kwargs)
             target.mkdir(exist_ok=True)
             for f in sorted(tmp.iterdir()):
+                os.chmod(f, _umask_mode())  # safetensors writes 0600; as every other new file (0644)
                 os.replace(f, target / f.name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

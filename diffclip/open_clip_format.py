@@ -113,7 +113,7 @@ def save_open_clip(model, save_directory: str | Path) -> Path:
     config = model.model_config
     model_cfg = open_clip_model_cfg(config, getattr(model, "model_name", None) or "this model")
     if getattr(model, "logit_bias", None) is not None:  # SigLIP-trained: open_clip makes the parameter from this
-        model_cfg["init_logit_bias"] = float(model.logit_bias)
+        model_cfg["init_logit_bias"] = float(model.logit_bias.detach())
     p = config.get("preprocess_cfg") or {}
     preprocess = {"mean": list(p.get("mean", (0.485, 0.456, 0.406))), "std": list(p.get("std", (0.229, 0.224, 0.225))),
                   "interpolation": p.get("interpolation", "bicubic"), "resize_mode": "shortest"}

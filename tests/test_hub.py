@@ -1,4 +1,5 @@
 import argparse
+import json
 import os
 import pathlib
 import pickle
@@ -155,7 +156,7 @@ def test_clear_errors_for_missing_and_mismatched_weights(tiny, tmp_path):
     # the folder's config.json names the fields first
     with pytest.raises(RuntimeError, match=r"diff/config.json \(saved from DiffCLIP-Tiny-64\) has another config than "
                                            r"CLIP-Tiny-64 \(saved vs model\): text_cfg.attn_type 'diff' vs 'standard'; "
-                                           r"vision_cfg.attn_type 'diff' vs 'standard'; load it without a name"):
+                                           r"vision_cfg.attn_type 'diff' vs 'standard'$"):
         create_model("CLIP-Tiny-64", pretrained=str(tmp_path / "diff"))
     # the weights without their config: differential weights into the standard twin, the lambda/diff_norm names listed
     shutil.copy(tmp_path / "diff" / "model.safetensors", tmp_path / "bare.safetensors")
@@ -230,3 +231,88 @@ def test_depth_scheduled_lambda_config_builds_per_layer_values():
     expected = [diffclip.lambda_init_schedule(i) for i in range(6)]
     assert [b.attn.lambda_init for b in model.visual.blocks] == pytest.approx(expected)
     assert [b.attn.lambda_init for b in model.transformer.resblocks] == pytest.approx(expected[:4])
+
+
+def _snippet(card_text):
+    """The python block of a model card's usage section."""
+    return card_text.split("```python\n", 1)[1].split("\n```", 1)[0]
+
+
+def test_saved_folder_is_self_describing(tiny, tmp_path, monkeypatch, photo, capsys):
+    from huggingface_hub import ModelCard
+
+    folder = tmp_path / "hub" / "acme" / "diffclip-tiny"
+    tiny.save_pretrained(folder)
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["model_name"] == "DiffCLIP-Tiny-64"
+    assert {k: v for k, v in saved.items() if k != "model_name"} == tiny.model_config
+    ref = _outputs(tiny, "DiffCLIP-Tiny-64")
+    by_folder = create_model(str(folder))  # no name: config and weights from the folder
+    assert by_folder.model_name == "DiffCLIP-Tiny-64"
+    _same(ref, _outputs(by_folder, str(folder)))
+    # same shapes, another lambda_init: refused in one line naming the fields (silently loaded before)
+    with pytest.raises(RuntimeError, match=r"config.json \(saved from DiffCLIP-Tiny-64\) has another config than "
+                                           r"DiffCLIP-Sched-Tiny-64 \(saved vs model\): text_cfg.lambda_init 0.8 vs "
+                                           r"'schedule'; vision_cfg.lambda_init 0.8 vs 'schedule'$"):
+        create_model("DiffCLIP-Sched-Tiny-64", pretrained=str(folder))
+    # the card: YAML header for the hub, no template left-overs, a usage snippet that runs as it is
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "diffclip" and card.data.pipeline_tag == "zero-shot-image-classification"
+    assert card.data.license == "mit" and card.data.model_name == "DiffCLIP-Tiny-64"
+    assert "arxiv:2503.06626" in card.data.tags and "https://arxiv.org/abs/2503.06626" in card.text
+    assert "| image (ViT) | 192 | 6 | 4 | differential (λ_init 0.8) | gelu | 64 px, patch 8 |" in card.text
+    assert "More Information Needed" not in card.text and "github.com/diffclip" not in card.text
+    monkeypatch.chdir(tmp_path)
+    photo.save(tmp_path / "photo.jpg")
+    exec(_snippet(card.text), {})
+    probs = eval(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(probs) == ["a photo of a cat", "a photo of a dog", "a diagram"]
+    assert sum(probs.values()) == pytest.approx(1.0)
+    # through the hub: no name either, and the card pushed with a repo names hf-hub:org/repo
+    (folder / "README.md").write_text(str(tiny.generate_model_card(repo_id="acme/diffclip-tiny")))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    with HubServer(tmp_path / "hub") as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        from_hub = create_model("hf-hub:acme/diffclip-tiny")
+        assert from_hub.model_name == "DiffCLIP-Tiny-64"
+        _same(ref, _outputs(from_hub, "hf-hub:acme/diffclip-tiny"))
+        with pytest.raises(RuntimeError, match=r"config.json \(saved from DiffCLIP-Tiny-64\) has another config than "
+                                               r"DiffCLIP-Sched-Tiny-64"):
+            create_model("DiffCLIP-Sched-Tiny-64", pretrained="hf-hub:acme/diffclip-tiny")
+        snippet = _snippet(ModelCard.load(folder / "README.md").text)
+        assert 'create_model_and_transforms("hf-hub:acme/diffclip-tiny")' in snippet
+        exec(snippet, {})
+    assert len(eval(capsys.readouterr().out.strip().splitlines()[-1])) == 3
+
+
+def test_trainer_export_card_and_resume_with_another_model(tmp_path):
+    from huggingface_hub import ModelCard
+    from train_helpers import _cmd, _env, _write_sources
+
+    shards, zs = _write_sources(tmp_path / "src")
+    logs = tmp_path / "logs"
+    cmd = _cmd(shards, zs, logs, "run", "--epochs", "1", "--report-to", "none")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    export = logs / "run" / "final_model"
+    card = ModelCard.load(export / "README.md")
+    assert card.data.library_name == "diffclip" and card.data.model_name == "DiffCLIP-Tiny-64"
+    records = [json.loads(x) for x in (logs / "run" / "results.jsonl").read_text().splitlines()]
+    val = [x for x in records if x["type"] == "val"][-1]
+    zeroshot = [x for x in records if x["type"] == "zeroshot"][-1]
+    for row in (f"| training data | `{shards}` |", "| samples per epoch | 48 |", "| optimizer steps | 6 |",
+                "| global batch | 8 |", "| precision | fp32 |", f"| val_loss | {val['val_loss']:.4g} |",
+                f"| acc1 | {zeroshot['acc1']:.4g} |"):
+        assert row in card.text, row
+    assert f"### Zero-shot on {zeroshot['dataset']} (last evaluation of the run, step 6, epoch 1)" in card.text
+    assert create_model(str(export)).model_name == "DiffCLIP-Tiny-64"
+    # the step checkpoints keep the config: resuming with a --model of the same shapes is refused before any work
+    ckpt = torch.load(logs / "run" / "checkpoints" / "epoch_1.pt", weights_only=False)
+    assert ckpt["model_config"] == create_model("DiffCLIP-Tiny-64").model_config
+    resume = [*cmd[:cmd.index("--model") + 1], "DiffCLIP-Sched-Tiny-64", *cmd[cmd.index("--model") + 2:],
+              "--resume", "latest"]
+    r = subprocess.run(resume, capture_output=True, text=True, timeout=600, env=_env())
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr[-3000:]
+    assert ("--resume latest: checkpoint epoch_1.pt (saved from DiffCLIP-Tiny-64) has another config than "
+            "DiffCLIP-Sched-Tiny-64 (saved vs model): text_cfg.lambda_init 0.8 vs 'schedule'") in lines[0]

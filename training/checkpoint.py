@@ -12,7 +12,8 @@ newer files that are empty, truncated or not checkpoints. It holds:
 * ``optimizer``, ``scaler``, ``step`` (optimizer steps done), ``epoch`` (the epoch to continue, 0-based),
   ``batches_done`` (micro-batches of that epoch already consumed: the data position),
 * ``rng``: the Python, NumPy, torch (and CUDA) generator states of every rank,
-* ``model_name``, ``args`` (the flags, for reference), ``world_size``,
+* ``model_name``, ``model_config`` (``DiffCLIP.model_config``: a resume with a ``--model`` of another config is
+  refused, naming the fields that differ), ``args`` (the flags, for reference), ``world_size``,
 * and what the program adds (``extra``): finetune's classifier recipe, best accuracy, times and epoch sums.
 
 Only tensors, containers and primitives are stored, so :func:`diffclip.hub.torch_load` (``weights_only``) reads it.
@@ -122,6 +123,7 @@ def save_checkpoint(path: str | Path, state, batches_done: int, info: DistInfo, 
                 "scaler": state.scaler.state_dict() if state.scaler is not None else None,
                 "step": state.step, "epoch": state.epoch if epoch is None else epoch, "batches_done": batches_done,
                 "rng": rngs, "world_size": info.world_size, "model_name": state.args.model,
+                "model_config": getattr(model, "model_config", None),
                 "args": {k: v for k, v in vars(state.args).items() if isinstance(v, (str, int, float, bool, type(None)))},
                 **(extra or {})}
         save_torch(path, ckpt)

@@ -363,7 +363,13 @@ def train(args) -> int:
 
     if info.is_master and not args.no_export:
         out = run_dir / "final_model"
-        unwrap_model(ddp_model).save_pretrained(out)
+        from diffclip.card import last_results
+        run = {"model": args.model, "training data": f"`{args.train_data}`", "samples per epoch": data.num_samples,
+               "epochs": args.epochs, "optimizer steps": state.step,
+               "global batch": args.batch_size * args.accum_freq * info.world_size, "precision": args.precision,
+               "loss": "SigLIP" if args.siglip else "CLIP", "lr": args.lr, "weight decay": args.wd,
+               "warm-up steps": warmup, **last_results(results_path)}
+        unwrap_model(ddp_model).save_pretrained(out, model_card_kwargs={"training": run})
         log.info("final weights: %s (diffclip.create_model(%r, pretrained=%r))", out, args.model, str(out))
     if metrics_log is not None:
         metrics_log.close()
