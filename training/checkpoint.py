@@ -31,14 +31,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from diffclip.errors import InputError
+from diffclip.errors import InputError, one_line
 from diffclip.files import save_torch
 from diffclip.hub import load_state_dict, torch_load
 
 from .distributed import DistInfo
 
-__all__ = ["rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint", "read_checkpoint", "find_latest",
-           "find_loadable", "checkpoint_step"]
+__all__ = ["rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint", "read_checkpoint", "check_checkpoint",
+           "check_optimizer_state", "find_latest", "find_loadable", "checkpoint_step"]
 
 log = logging.getLogger("diffclip.train")
 
@@ -148,9 +148,87 @@ def read_checkpoint(path: str | Path) -> dict:
         raise InputError(f"{path}: not a training checkpoint of diffclip's training programs (use --pretrained for "
                          "weights)")
     legacy = ckpt.pop("loss_state", None) or {}  # SigLIP's bias, before it moved onto the model
-    if "logit_bias" in legacy:
+    if "logit_bias" in legacy and isinstance(ckpt["state_dict"], dict):
         ckpt["state_dict"]["logit_bias"] = legacy["logit_bias"]
+    check_checkpoint(ckpt, path)
     return ckpt
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_checkpoint(ckpt: dict, path: str | Path) -> None:
+    """Checks the structure of a training checkpoint before any of it is used: ``step``, ``epoch`` and
+    ``batches_done`` are integers >= 0 with ``epoch <= step`` (every epoch has a step); ``state_dict`` maps names
+    to tensors; ``optimizer`` is an optimizer state (``state``, ``param_groups`` of parameter indices); ``scaler``
+    is None or a dict; ``rng`` (when present) holds one generator state per process that the generators accept.
+
+    Raises:
+        ValueError: one line naming ``path`` and the entry that is wrong.
+    """
+    def bad(what: str):
+        return InputError(f"{path}: {what}; not a checkpoint written by diffclip's training programs")
+
+    for key in ("step", "epoch", "batches_done"):
+        if not _is_count(ckpt.get(key)):
+            raise bad(f"{key!r} is {ckpt.get(key)!r}, expected an integer >= 0")
+    if ckpt["epoch"] > ckpt["step"]:
+        raise bad(f"epoch {ckpt['epoch']} after only {ckpt['step']} steps")
+    sd = ckpt["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise bad("'state_dict' is not a dict of named tensors")
+    opt = ckpt["optimizer"]
+    groups = opt.get("param_groups") if isinstance(opt, dict) else None
+    if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(groups, list) and groups
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) and all(_is_count(i) for i in g["params"])
+                    for g in groups)):
+        raise bad("'optimizer' is not an optimizer state (state, param_groups of parameter indices)")
+    if not all(isinstance(s, dict) for s in opt["state"].values()):
+        raise bad("'optimizer' state entries are not dicts")
+    if ckpt.get("scaler") is not None and not isinstance(ckpt["scaler"], dict):
+        raise bad(f"'scaler' is a {type(ckpt['scaler']).__name__}, expected a dict or None")
+    rngs = ckpt.get("rng")
+    if rngs is None:
+        return
+    if not isinstance(rngs, list) or not all(isinstance(r, dict) for r in rngs):
+        raise bad("'rng' is not a list of generator states (one per process)")
+    current = rng_state()
+    try:
+        for rank, state in enumerate(rngs):
+            cuda = state.get("cuda", [])
+            if not isinstance(cuda, list) or not all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8
+                                                     for t in cuda):
+                raise bad(f"'rng' of process {rank}: 'cuda' is not a list of CUDA generator states")
+            try:  # the generators themselves are the judges of their states
+                set_rng_state({k: v for k, v in state.items() if k != "cuda"})
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+                raise bad(f"'rng' of process {rank} is not a generator state ({type(e).__name__}: {one_line(e)})"
+                          ) from None
+    finally:
+        set_rng_state({k: v for k, v in current.items() if k != "cuda"})
+
+
+def check_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer, source: str) -> None:
+    """Checks an optimizer state read from a checkpoint (``read_checkpoint(...)["optimizer"]``) against
+    ``optimizer``: the same number of parameter groups, of the same sizes, and per-parameter state tensors of
+    the parameters' shapes (what ``optimizer.load_state_dict`` would otherwise take or fail on mid-step).
+
+    Raises:
+        ValueError: one line naming ``source`` and what differs.
+    """
+    mine = [len(g["params"]) for g in optimizer.param_groups]
+    theirs = [len(g["params"]) for g in saved["param_groups"]]
+    if mine != theirs:
+        raise InputError(f"{source}: its optimizer has parameter groups of {theirs} parameters, this model's "
+                         f"{mine}: a checkpoint of another model or optimizer")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    indices = [i for g in saved["param_groups"] for i in g["params"]]
+    for index, param in zip(indices, params):
+        for name, value in saved["state"].get(index, {}).items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                raise InputError(f"{source}: optimizer state {name!r} of parameter {index} has shape "
+                                 f"{tuple(value.shape)}, the parameter {tuple(param.shape)}")
 
 
 def find_loadable(ckpt_dir: str | Path, steps_per_epoch: int) -> tuple[Path, dict] | None:
@@ -186,6 +264,7 @@ def load_checkpoint(path: str | Path, state, info: DistInfo, ckpt: dict | None =
     written_for = ckpt.get("model_name")
     load_state_dict(model, ckpt["state_dict"], source=f"checkpoint {path.name}"
                     + (f" (written for --model {written_for})" if written_for else ""))
+    check_optimizer_state(ckpt["optimizer"], state.optimizer, f"checkpoint {path}")
     state.optimizer.load_state_dict(ckpt["optimizer"])
     if state.scaler is not None and ckpt.get("scaler"):
         state.scaler.load_state_dict(ckpt["scaler"])

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from diffclip.training.checkpoint import (
+    check_optimizer_state,
     find_loadable,
     load_checkpoint,
     read_checkpoint,
@@ -47,7 +48,7 @@ from diffclip.training.train import (
 
 import diffclip
 from diffclip.cli import UsageError, one_line, run, setup_logging
-from diffclip.files import check_writable, write_text
+from diffclip.files import check_writable, stale_temporaries, write_text
 from diffclip.hub import check_state_dict
 from diffclip.loss import ClipLoss, SigLipLoss
 from diffclip.runtime import (
@@ -106,12 +107,32 @@ def _sum_over_ranks(d: dict, info: DistInfo) -> dict:
     return total
 
 
+def _probe_remote(url: str, flag: str) -> None:
+    """A HEAD request to an ``http(s)://`` shard: a server that is down or a missing shard is one line now, not
+    webdataset's curl reprs mid-epoch. Other answers (a server that refuses HEAD) are left to the reader."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=30).close()
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            raise UsageError(f"{flag}: shard not found (HTTP 404): {url}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        what = "connection refused" if isinstance(reason, ConnectionRefusedError) else one_line(
+            reason if isinstance(reason, BaseException) else e)
+        raise UsageError(f"{flag}: {what}: {url}") from None
+
+
 def check_shards(urls: list[str], flag: str) -> None:
-    """Every local shard exists and is a tar file (remote and ``pipe:`` URLs are taken as they are).
+    """Every local shard exists and is a tar file; the server of ``http(s)://`` shards answers for the first shard of
+    each host (``pipe:`` and other stores are taken as they are).
 
     Raises:
-        UsageError: one line naming ``flag``, the count and the first bad shard."""
+        UsageError: one line naming ``flag``, the count and the first bad shard, or the unreachable URL."""
     import tarfile
+    from urllib.parse import urlsplit
 
     local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
     missing = [u for u in local if not Path(u).is_file()]
@@ -120,6 +141,24 @@ def check_shards(urls: list[str], flag: str) -> None:
     not_tar = [u for u in local if not tarfile.is_tarfile(u)]
     if not_tar:
         raise UsageError(f"{flag}: {len(not_tar)} of {len(urls)} files are not tar shards, e.g. {not_tar[0]}")
+    hosts: dict[str, str] = {}
+    for u in urls:
+        if u.startswith(("http://", "https://")):
+            hosts.setdefault(urlsplit(u).netloc, u)
+    for url in hosts.values():
+        _probe_remote(url, flag)
+
+
+def _count(urls: list[str], given: int | None, flag: str) -> int:
+    """Samples of a shard set: ``given`` (the flag's value), else from ``sizes.json``/``__len__``."""
+    from diffclip.training.data import get_dataset_size
+
+    if given is not None:
+        return given
+    try:
+        return get_dataset_size(urls)[0]
+    except ValueError as e:  # the data module names the training flag
+        raise UsageError(one_line(e).replace("--train-num-samples", flag)) from None
 
 
 def build_data(args, info: DistInfo, preprocess_train, tokenizer):
@@ -130,10 +169,11 @@ def build_data(args, info: DistInfo, preprocess_train, tokenizer):
         raise UsageError(f"the data module is missing ({e})") from None
     urls, weights = expand_urls(args.train_data, args.train_data_upsampling_factors)
     check_shards(urls, "--train-data")
+    num_samples = _count(urls, args.train_num_samples, "--train-num-samples")
 
     def make_loader(epoch: int, skip_batches: int = 0):
         return get_wds_loader(urls, preprocess_train, tokenizer, batch_size=args.batch_size,
-                              num_samples=args.train_num_samples, resampled=args.dataset_resampled,
+                              num_samples=num_samples, resampled=args.dataset_resampled,
                               upsampling_factors=weights if args.train_data_upsampling_factors else None,
                               is_train=True, epoch=epoch, seed=args.seed, workers=args.workers,
                               world_size=info.world_size, rank=info.rank, skip_batches=skip_batches)
@@ -142,20 +182,125 @@ def build_data(args, info: DistInfo, preprocess_train, tokenizer):
 
 
 def build_val(args, preprocess_val, tokenizer):
+    """Checks the validation shards (files, sample count) and returns ``make_loader() -> DataInfo``."""
     from diffclip.training.data import expand_urls, get_wds_loader
     urls, _ = expand_urls(args.val_data)
     check_shards(urls, "--val-data")
+    num_samples = _count(urls, args.val_num_samples, "--val-num-samples")
 
-    def make_loader():
+    def make_loader(workers: int | None = None):
         return get_wds_loader(urls, preprocess_val, tokenizer, batch_size=args.batch_size,
-                              num_samples=args.val_num_samples, is_train=False, epoch=0, seed=args.seed,
-                              workers=args.workers, world_size=1, rank=0)
+                              num_samples=num_samples, is_train=False, epoch=0, seed=args.seed,
+                              workers=args.workers if workers is None else workers, world_size=1, rank=0)
 
     return make_loader
 
 
+def check_val(make_val) -> None:
+    """Reads the validation set up to its first batch (in this process): a set without one usable sample stops
+    the run before training, not after the first epoch.
+
+    Raises:
+        UsageError: naming ``--val-data`` and why nothing was usable."""
+    from diffclip.cli import USER_ERRORS
+
+    state = rng_state()  # the loader's shuffling-free pass still draws from the global generators
+    try:
+        batch = next(iter(make_val(workers=0).dataloader), None)
+    except (*USER_ERRORS, ValueError, RuntimeError) as e:
+        raise UsageError(f"--val-data: {one_line(e)}") from None
+    finally:
+        set_rng_state(state)
+    if batch is None:
+        raise UsageError("--val-data: no usable sample (an image that decodes with a UTF-8 caption)")
+
+
+def check_resume(ckpt: dict, path: Path, args, info: DistInfo, steps_per_epoch: int) -> None:
+    """The data position of a checkpoint against this run: ``batches_done`` inside this run's epoch and a multiple
+    of ``--accum-freq``; mid-epoch, the same ``--batch-size`` and number of processes as the checkpoint's run
+    (otherwise the next batch would start at another sample). At an epoch boundary a changed batch is logged.
+
+    Raises:
+        UsageError: one line naming ``--resume``, the file and the value."""
+    done, per_epoch = ckpt["batches_done"], steps_per_epoch * args.accum_freq
+    then = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    was_batch, was_world = then.get("batch_size", args.batch_size), ckpt.get("world_size", info.world_size)
+    where = f"--resume {path}"
+    if done > per_epoch or done % args.accum_freq:
+        raise UsageError(f"{where}: batches_done {done} is not a data position of this run (epochs of {per_epoch} "
+                         f"batches of {args.batch_size}, --accum-freq {args.accum_freq})")
+    if (was_batch, was_world) != (args.batch_size, info.world_size):
+        change = (f"--batch-size {was_batch} x {was_world} process(es) then, {args.batch_size} x "
+                  f"{info.world_size} now")
+        if 0 < done < per_epoch:
+            raise UsageError(f"{where}: written {done} batches into epoch {ckpt['epoch']} with {change}: the data "
+                             f"position would fall on other samples; resume with the same --batch-size and processes,"
+                             f" or from an epoch checkpoint")
+        log.warning("%s: %s; the run continues at the next epoch with %d steps per epoch", where, change,
+                    steps_per_epoch)
+
+
+def _log_to_file(message: str) -> None:
+    """``message`` as an ERROR record in the run's ``out.log`` only (the console gets the program's one line)."""
+    record = logging.LogRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    """Removes what a run killed during a write left (under the lock no write of another process is running):
+    the atomic writer's hidden ``.NAME.XXXXXXXX.tmp`` files and ``save_pretrained``'s ``.final_model.tmp-*``."""
+    import shutil
+
+    stale = [p for d in (run_dir, run_dir / "checkpoints") for p in stale_temporaries(d)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    folders = [p for p in run_dir.glob(".final_model.tmp-*") if p.is_dir()]
+    for p in folders:
+        shutil.rmtree(p, ignore_errors=True)
+    if stale or folders:
+        log.info("removed %d temporary file(s) left by a killed run: %s", len(stale) + len(folders),
+                 ", ".join(p.name for p in stale + folders))
+
+
+def take_run_folder(run_dir: Path, args, info: DistInfo) -> tuple[RunLock | None, Path | None]:
+    """Locks the run folder before any slow work (rank 0; the outcome is broadcast). Returns the lock and, when this
+    run made the folder (or found it holding nothing but the lock of a run that died before its first step), the
+    outermost folder it made: removed if the run stops before its first step.
+
+    Raises:
+        UsageError: another run holds the folder (naming its PID), or the folder holds a run and ``--resume`` is
+            not given."""
+    error, lock, made = None, None, None
+    if info.is_master:
+        top = run_dir
+        while not top.parent.exists() and top.parent != top.parent.parent:
+            top = top.parent
+        before = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else None
+        fresh = before == [".lock"]
+        try:
+            lock = RunLock(run_dir, "another --name")
+            if not (lock.created or fresh or args.resume):
+                error = f"run folder {run_dir} exists: pass --resume latest to continue it, or another --name"
+                if ".lock" not in before:  # the folder as it was
+                    lock.path.unlink(missing_ok=True)
+                lock.release()
+            elif lock.created or fresh:
+                made = top if lock.created else run_dir
+        except UsageError as e:
+            error = str(e)
+    error = _broadcast(error, info)
+    if error:
+        raise UsageError(error)
+    return lock, made
+
+
 def train(args) -> int:
-    info = init_distributed(args.device, args.dist_backend)
+    try:
+        info = init_distributed(args.device, args.dist_backend)
+    except ValueError as e:
+        raise UsageError(one_line(e) if "--device" in str(e) else f"--device {args.device}: {one_line(e)}") from None
     _logging(info, None)
     # ---- checks that fail fast, identical on every rank, before any collective call ----
     try:
@@ -167,12 +312,44 @@ def train(args) -> int:
     name = args.name or _broadcast(default_name(args), info)
     args.name = name
     run_dir = Path(args.logs) / name
-    resume_latest = args.resume == "latest"
-    if args.resume and not resume_latest and not Path(args.resume).is_file():
+    if args.resume and args.resume != "latest" and not Path(args.resume).is_file():
         raise UsageError(f"--resume: checkpoint not found: {args.resume}")
-    if run_dir.exists() and not args.resume:
-        raise UsageError(f"run folder {run_dir} exists: pass --resume latest to continue it, or another --name")
     check_writable(run_dir / "out.log", "--logs")
+    # ---- the run folder, locked for the run's life before any slow work ----
+    lock, made = take_run_folder(run_dir, args, info)
+    progress = {"steps": 0}
+    try:
+        if info.is_master:
+            _logging(info, run_dir / "out.log")
+            _remove_stale_temporaries(run_dir)
+        return _train(args, info, run_dir, progress)
+    except BaseException as e:
+        if info.is_master:
+            from diffclip.cli import USER_ERRORS
+
+            _log_to_file("interrupted" if isinstance(e, KeyboardInterrupt) else f"error: {one_line(e)}"
+                         if isinstance(e, USER_ERRORS) else f"{type(e).__name__}: {one_line(e)} (traceback on stderr)")
+            if made is not None and not progress["steps"]:  # nothing trained: a plain retry starts afresh
+                import shutil
+
+                _logging(info, None)
+                shutil.rmtree(made, ignore_errors=True)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(args, info: DistInfo, run_dir: Path, progress: dict) -> int:
+    """The run, once its folder is locked; ``progress["steps"]`` counts the optimizer steps taken."""
+    resume_latest = args.resume == "latest"
+    # ---- the checkpoint named by --resume: read and its structure checked before any work ----
+    resume_from = (None, None)
+    if args.resume and not resume_latest:
+        try:
+            resume_from = (Path(args.resume), read_checkpoint(args.resume))
+        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
+            raise UsageError(f"--resume {args.resume}: {one_line(e)}") from None
     tokenizer = diffclip.get_tokenizer(args.model)
     seed_everything(args.seed)  # the same initial weights on every rank
     try:
@@ -180,7 +357,7 @@ def train(args) -> int:
         model, preprocess_train, preprocess_val = diffclip.create_model_and_transforms(
             args.model, pretrained=args.pretrained, **(siglip if args.siglip else {}))
     except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
-        raise UsageError(f"--pretrained {args.pretrained}: {one_line(e)}" if args.pretrained
+        raise UsageError(f"--pretrained {args.pretrained}: {one_line(e)}" if args.pretrained is not None
                          else f"--model: {one_line(e)}") from None
     try:
         make_loader = build_data(args, info, preprocess_train, tokenizer)
@@ -192,49 +369,20 @@ def train(args) -> int:
         data = make_loader(0)  # one loader for the whole run (persistent workers); set_epoch selects the epoch
     except (OSError, ValueError) as e:
         raise UsageError(one_line(e)) from None
+    if make_val is not None:  # evaluated on rank 0 only: its verdict is broadcast
+        error = None
+        if info.is_master:
+            try:
+                check_val(make_val)
+            except UsageError as e:
+                error = str(e)
+        error = _broadcast(error, info)
+        if error:
+            raise UsageError(error)
     steps_per_epoch = data.num_batches // args.accum_freq
     if steps_per_epoch < 1:
         raise UsageError(f"an epoch has {data.num_batches} batches of {args.batch_size} per process, fewer than "
                        f"--accum-freq {args.accum_freq}: lower --batch-size or give more data")
-
-    # ---- the checkpoint to resume from: read and checked against the model before the run folder is touched ----
-    resume_from = (None, None)
-    if args.resume:
-        try:
-            if resume_latest:
-                resume_from = find_loadable(run_dir / "checkpoints", steps_per_epoch) or (None, None)
-            else:
-                resume_from = (Path(args.resume), read_checkpoint(args.resume))
-            if resume_from[1] is not None:
-                written_for = resume_from[1].get("model_name")
-                check_state_dict(model, resume_from[1]["state_dict"], source=f"checkpoint {resume_from[0].name}"
-                                 + (f" (written for --model {written_for})" if written_for else ""))
-        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
-            raise UsageError(f"--resume {args.resume}: {one_line(e)}") from None
-
-    # ---- the run folder (locked for the run's life) and logging ----
-    barrier(info)
-    lock_error, lock = None, None
-    if info.is_master:
-        try:
-            lock = RunLock(run_dir, "another --name")
-        except UsageError as e:
-            lock_error = str(e)
-    lock_error = _broadcast(lock_error, info)
-    if lock_error:
-        raise UsageError(lock_error)
-    if info.is_master:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    barrier(info)
-    _logging(info, run_dir / "out.log")
-    if info.is_master:
-        write_text(run_dir / "params.txt", "".join(f"{k}: {v}\n" for k, v in sorted(vars(args).items())))
-    log.info("run folder %s; %d process(es) on %s; model %s", run_dir, info.world_size, info.device, args.model)
-
-    results_path = run_dir / "results.jsonl"
-    metrics_log = None
-    if info.is_master:
-        metrics_log = MetricsLogger(results_path, run_dir / "tensorboard" if args.report_to == "tensorboard" else None)
 
     # ---- model, loss, optimizer ----
     model.train()
@@ -242,6 +390,41 @@ def train(args) -> int:
         model.set_grad_checkpointing(True)
     model = cast_model(model.to(info.device), args.precision)
     input_dtype = get_input_dtype(args.precision) or torch.float32
+    optimizer = torch.optim.AdamW(param_groups(model, args.wd), lr=args.lr,
+                                  betas=(args.beta1, args.beta2), eps=args.eps)
+
+    # ---- the checkpoint to resume from: checked against the model, optimizer and data before the folder is written --
+    if args.resume:
+        try:
+            if resume_latest:
+                resume_from = find_loadable(run_dir / "checkpoints", steps_per_epoch) or (None, None)
+            path, ckpt = resume_from
+            if ckpt is not None:
+                written_for = ckpt.get("model_name")
+                check_state_dict(model, ckpt["state_dict"], source=f"checkpoint {path.name}"
+                                 + (f" (written for --model {written_for})" if written_for else ""))
+                if ckpt.get("model_config"):  # same shapes, another config (lambda_init): refused too
+                    model.check_saved_config({**ckpt["model_config"], "model_name": written_for},
+                                             source=f"checkpoint {path.name}")
+                check_optimizer_state(ckpt["optimizer"], optimizer, f"checkpoint {path.name}")
+        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
+            raise UsageError(f"--resume {args.resume}: {one_line(e)}") from None
+        if ckpt is not None:
+            check_resume(ckpt, path, args, info, steps_per_epoch)
+
+    # ---- the run folder's files ----
+    if info.is_master:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        write_text(run_dir / "params.txt", "".join(f"{k}: {v}\n" for k, v in sorted(vars(args).items())))
+    barrier(info)
+    log.info("run folder %s; %d process(es) on %s; model %s", run_dir, info.world_size, info.device, args.model)
+
+    results_path = run_dir / "results.jsonl"
+    metrics_log = None
+    if info.is_master:  # records of the steps after the checkpoint (to be trained again) are dropped
+        metrics_log = MetricsLogger(results_path, run_dir / "tensorboard" if args.report_to == "tensorboard" else None,
+                                    resume_step=resume_from[1]["step"] if resume_from[1] is not None else None)
+
     n_params = sum(p.numel() for p in model.parameters())
     log.info("%s: %s parameters", args.model, f"{n_params:,}")
     if args.siglip:
@@ -255,8 +438,6 @@ def train(args) -> int:
             log.warning("--local-loss without --gather-with-grad: the gradient misses the other ranks' column "
                         "terms (as in open_clip); add --gather-with-grad for the exact gradient")
     loss_fn = loss_fn.to(info.device)
-    optimizer = torch.optim.AdamW(param_groups(model, args.wd), lr=args.lr,
-                                  betas=(args.beta1, args.beta2), eps=args.eps)
     scaler = torch.amp.GradScaler(info.device.type) if needs_grad_scaler(args.precision, info.device.type) else None
     ddp_model = model
     if info.distributed:
@@ -296,7 +477,7 @@ def train(args) -> int:
                 state.epoch, batches_done = state.epoch + 1, 0
             if metrics_log is not None:
                 metrics_log.log("resume", state.step, {}, epoch=state.epoch, batches_done=batches_done,
-                                checkpoint=str(path))
+                                checkpoint=str(path), records_dropped=metrics_log.dropped)
 
     log.info("training %d epochs of %d steps (global batch %d = %d per process x %d accum x %d processes), "
              "%d warm-up steps, lr %g", args.epochs, steps_per_epoch,
@@ -315,6 +496,7 @@ def train(args) -> int:
         return bool(args.save_frequency) and (done % args.save_frequency == 0 or done == args.epochs)
 
     def on_step(st: TrainState, batches: int) -> None:
+        progress["steps"] += 1
         n = args.save_every_n_steps
         if not n or st.step % n:
             return
@@ -377,8 +559,6 @@ def train(args) -> int:
              results_path, ckpt_dir, f", TensorBoard {run_dir / 'tensorboard'}" if args.report_to == "tensorboard" else "")
     barrier(info)
     cleanup(info)
-    if lock is not None:
-        lock.release()
     return 0
 
 

@@ -94,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--report-to must be 'tensorboard' (or empty), got {args.report_to!r}")
     if args.siglip and (args.local_loss or args.gather_with_grad):
         parser.error("--siglip always gathers the texts with gradients; drop --local-loss / --gather-with-grad")
+    if args.pretrained is not None and not args.pretrained.strip():
+        parser.error("--pretrained: expected a release tag, hf-hub:org/repo, a directory or a file, got ''")
     if args.name is not None and ("/" in args.name or args.name in ("", ".", "..")):
         parser.error(f"--name must be a plain folder name, got {args.name!r}")
     return args

@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,13 +24,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from diffclip.errors import InputError, RunError
+from diffclip.files import write_text
 from diffclip.loss import clamp_logit_scale
 from diffclip.metrics import retrieval_metrics
 
 from .distributed import DistInfo, all_reduce_mean
 
 __all__ = ["unwrap_model", "param_groups", "cosine_lr", "const_lr", "encode", "backward", "optimizer_step",
-           "forward_backward", "train_step", "TrainState", "train_one_epoch", "evaluate_val"]
+           "forward_backward", "train_step", "TrainState", "train_one_epoch", "evaluate_val", "OPEN_CLIP_TAGS",
+           "tensorboard_scalars"]
 
 log = logging.getLogger("diffclip.train")
 
@@ -185,26 +188,89 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
     return loss
 
 
+_RANKS = ("mean_rank", "median_rank")
+
+#: results.jsonl field -> TensorBoard tag, per record type: open_clip_train's names (open_clip 3.3.0,
+#: src/open_clip_train/train.py ``train_one_epoch``/``evaluate``/``get_clip_metrics``, zero_shot.py) where it has
+#: one. ``image_retrieval`` (captions query images) is open_clip's ``text_to_image``, ``text_retrieval`` its
+#: ``image_to_text``. Other fields keep ``<type>/<field>``; zero-shot fields are ``val/<set>-zeroshot-val-<name>``.
+OPEN_CLIP_TAGS = {
+    "train": {"loss": "train/loss", "logit_scale": "train/scale", "lr": "train/lr", "data_time": "train/data_time",
+              "batch_time": "train/batch_time", "samples_per_second": "train/samples_per_second",
+              "samples_per_second_per_process": "train/samples_per_second_per_gpu"},
+    "val": {"val_loss": "val/clip_val_loss", "num_samples": "val/num_samples",
+            **{f"image_retrieval_{m}": f"val/text_to_image_{m}" for m in _RANKS},
+            **{f"text_retrieval_{m}": f"val/image_to_text_{m}" for m in _RANKS},
+            **{f"image_retrieval_recall@{k}": f"val/text_to_image_R@{k}" for k in (1, 5, 10)},
+            **{f"text_retrieval_recall@{k}": f"val/image_to_text_R@{k}" for k in (1, 5, 10)}},
+    "zeroshot": {"acc1": "val/{dataset}-zeroshot-val-top1", "acc5": "val/{dataset}-zeroshot-val-top5"},
+}
+
+
+def tensorboard_scalars(kind: str, step: int, values: dict, context: dict) -> tuple[int, dict[str, float]]:
+    """The TensorBoard global step and ``{tag: number}`` of a results.jsonl record (:data:`OPEN_CLIP_TAGS`).
+
+    As open_clip_train logs them: training records at the optimizer step; evaluations (``val``, ``zeroshot``) at
+    the number of epochs done (``context["epoch"] + 1``), with ``val/epoch``; a zero-shot set is named by its
+    ``context["dataset"]`` (``val/imagenet-zeroshot-val-top1`` for a folder named ``imagenet``).
+    """
+    tags = OPEN_CLIP_TAGS.get(kind, {})
+    dataset = context.get("dataset", "")
+    scalars = {}
+    for name, value in values.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            default = f"val/{{dataset}}-zeroshot-val-{name}" if kind == "zeroshot" else f"{kind}/{name}"
+            tag = tags.get(name, default)
+            scalars[tag.format(dataset=dataset) if kind == "zeroshot" else tag] = value
+    if kind not in ("val", "zeroshot"):
+        return step, scalars
+    epochs_done = int(context["epoch"]) + 1
+    if kind == "val":
+        scalars["val/epoch"] = epochs_done
+    return epochs_done, scalars
+
+
 class MetricsLogger:
     """The one place a run's metrics go (rank 0): a line of JSON per record in ``results.jsonl`` and, when
-    ``tensorboard_dir`` is given, each number as the TensorBoard scalar ``<kind>/<name>`` at the record's step."""
+    ``tensorboard_dir`` is given, each number as the TensorBoard scalar ``<kind>/<name>`` at the record's step.
 
-    def __init__(self, results_path, tensorboard_dir=None):
-        self.path = results_path
+    A resumed run passes ``resume_step`` (the checkpoint's step): the records of later steps, which the resumed run
+    logs again, are dropped from ``results.jsonl`` (``dropped`` counts them, with any line a kill cut short) and
+    TensorBoard hides its events of those steps (``purge_step``), so every step appears once."""
+
+    def __init__(self, results_path, tensorboard_dir=None, resume_step: int | None = None):
+        self.path = Path(results_path)
         self.tb = None
+        self.dropped = 0
+        if resume_step is not None and self.path.is_file():
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                    step = int(record.get("step", 0))
+                except (ValueError, TypeError, AttributeError):
+                    step = None
+                if step is None or step > resume_step:
+                    self.dropped += 1
+                else:
+                    kept.append(line + "\n")
+            if self.dropped:
+                write_text(self.path, "".join(kept))
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(tensorboard_dir))
+            self.tb = SummaryWriter(log_dir=str(tensorboard_dir),
+                                    purge_step=None if resume_step is None else resume_step + 1)
 
     def log(self, kind: str, step: int, values: dict, **context) -> None:
-        """Appends ``{"type": kind, "step": step, **context, **values}``; ``values``' numbers go to TensorBoard."""
+        """Appends ``{"type": kind, "step": step, **context, **values}``; ``values``' numbers go to TensorBoard
+        under open_clip's tags (:func:`tensorboard_scalars`)."""
         with open(self.path, "a") as f:
             f.write(dumps({"type": kind, "step": step, **context, **values}) + "\n")
         if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+            tb_step, scalars = tensorboard_scalars(kind, step, values, context)
+            for tag, value in scalars.items():
+                self.tb.add_scalar(tag, value, tb_step)
 
     def close(self) -> None:
         if self.tb is not None:
@@ -314,10 +380,13 @@ def train_one_epoch(state: TrainState, data, start_batch: int = 0,
 def evaluate_val(model: nn.Module, loss_fn_local: nn.Module, data, device: torch.device, autocast, input_dtype
                  ) -> dict[str, float]:
     """Validation on one process: the contrastive loss over each batch (mean over batches) and retrieval
-    recall@1/5/10 over the whole set (one caption per image).
+    recall@1/5/10 and ranks over the whole set (one caption per image).
 
     Returns:
-        ``{"val_loss", "image_retrieval_recall@k", "text_retrieval_recall@k", "num_samples"}``.
+        ``{"val_loss", "image_retrieval_recall@k", "text_retrieval_recall@k", "num_samples",
+        "image_retrieval_mean_rank", "image_retrieval_median_rank", "text_retrieval_mean_rank",
+        "text_retrieval_median_rank"}``: ranks are 1-based, the median rounded down, as open_clip's
+        ``get_clip_metrics`` (``image_retrieval``: each caption ranks the images, its ``text_to_image``).
     """
     model.eval()
     imgs, txts, losses = [], [], []
@@ -334,7 +403,12 @@ def evaluate_val(model: nn.Module, loss_fn_local: nn.Module, data, device: torch
         raise InputError("the validation set is empty")
     img, txt = torch.cat(imgs), torch.cat(txts)
     out = {"val_loss": sum(losses) / len(losses), "num_samples": img.shape[0]}
-    out.update(retrieval_metrics(img, txt, torch.arange(img.shape[0])))
+    ranks: dict = {}
+    out.update(retrieval_metrics(img, txt, torch.arange(img.shape[0]), ranks=ranks))
+    for direction in ("image", "text"):
+        r = ranks[direction].double()
+        out[f"{direction}_retrieval_mean_rank"] = r.mean().item() + 1
+        out[f"{direction}_retrieval_median_rank"] = math.floor(r.quantile(0.5).item()) + 1
     return out
 
 
