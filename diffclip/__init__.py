@@ -11,6 +11,7 @@ from .factory import (
     list_models,
 )
 from .model import DiffCLIP
+from .open_clip_format import save_open_clip
 
 __version__ = "0.1.0"
 
@@ -26,4 +27,4 @@ def DiffCLIP_VITB16(pretrained: str | None = None, device=None) -> DiffCLIP:
 
 
 __all__ = ["Attention", "DiffAttention", "DiffCLIP", "DiffCLIP_VITB16", "create_model", "create_model_and_transforms",
-           "get_model_config", "get_tokenizer", "image_transform", "lambda_init_schedule", "list_models"]
+           "get_model_config", "get_tokenizer", "image_transform", "lambda_init_schedule", "list_models", "save_open_clip"]
