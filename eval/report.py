@@ -21,14 +21,12 @@ distribution shifts), zero-shot OOD (ImageNet-V2/-A/-R/-Sketch/ObjectNet avg). V
 
 from __future__ import annotations
 
-import json
 import re
 import statistics
 import textwrap
 from pathlib import Path
 
 from diffclip.cli import ArgumentParser, UsageError, run, setup_logging
-from diffclip.errors import InputError
 from diffclip.files import check_writable, save_figure, write_json, write_text
 
 OOD = ("imagenet-v2", "imagenet-a", "imagenet-r", "imagenet-sketch", "objectnet")
@@ -36,29 +34,23 @@ GROUPS = ("linear probe", "few-shot", "image retrieval R@5", "text retrieval R@5
 
 
 def read_records(path: str | Path) -> list[tuple[int, dict]]:
-    """``(seed, record)`` of every result record in a file or under a folder (``seed<k>`` in the path, else 0).
+    """``(seed, record)`` of every result record in a file or under a folder (``seed<k>`` in the path, else 0), each
+    with the details of its sidecar (:func:`diffclip.eval.runner.read_records`).
 
     Raises:
         FileNotFoundError: nothing there. ValueError: a file that is not JSON (file and line named)."""
+    from diffclip.eval import runner  # the evaluation runner, imported when needed (it imports torch)
+
     path = Path(path)
-    files = sorted(path.rglob("*.json*")) if path.is_dir() else [path]
+    files = sorted(f for f in path.rglob("*.json*") if f.suffix in (".json", ".jsonl")) if path.is_dir() else [path]
     if not files or not files[0].exists():
         raise FileNotFoundError(f"--results {path}: no result files")
     out = []
     for f in files:
         m = re.search(r"(?:^|/)seed(\d+)(?:/|$)", str(f.parent))
         seed = int(m.group(1)) if m else 0
-        lines = f.read_text().splitlines() if f.suffix == ".jsonl" else [f.read_text()]
-        for i, text in enumerate(lines, 1):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{f}:{i if f.suffix == '.jsonl' else e.lineno}: not JSON ({e.msg})") from None
-            for rec in obj if isinstance(obj, list) else [obj]:
-                if isinstance(rec, dict) and "task" in rec and "metrics" in rec:
-                    out.append((seed, rec))
+        out += [(seed, rec) for rec in runner.read_records(f)
+                if isinstance(rec, dict) and "task" in rec and "metrics" in rec]
     return out
 
 

@@ -20,11 +20,11 @@ import logging
 import torch
 from diffclip.eval import readers, zeroshot
 from diffclip.eval.common import dataset_name, parse_roots
-from diffclip.eval.runner import program_parser, run_program
+from diffclip.eval.runner import program_parser, run_program, write_results
 
 from diffclip.cli import run
 from diffclip.errors import InputError
-from diffclip.files import write_json, write_text
+from diffclip.files import write_text
 from diffclip.zero_shot import format_prompts
 
 log = logging.getLogger("diffclip.eval")
@@ -141,7 +141,7 @@ def _evaluate(model, preprocess, tokenizer, inputs: dict, args: argparse.Namespa
 def _write(args: argparse.Namespace, out: dict) -> None:
     table = markdown_table(out["summary"], f"{args.model} {args.pretrained or ''}".strip())
     if args.output:
-        write_json(args.output, out)
+        write_results(args.output, out)
     if args.markdown:
         write_text(args.markdown, table)
     print(table)

@@ -33,10 +33,11 @@ import torch
 from diffclip.eval import linear_probe, mmvp, readers, report, retrieval, zeroshot
 from diffclip.eval.common import add_run_args, load_model, parse_roots
 from diffclip.eval.robustness import SHIFTS
+from diffclip.eval.runner import write_results
 
 from diffclip.cli import ArgumentParser, positive_int, run, setup_logging
 from diffclip.errors import InputError
-from diffclip.files import check_writable, write_json, write_text
+from diffclip.files import check_writable, write_text
 from diffclip.runtime import resolve_device, seed_everything
 
 log = logging.getLogger("diffclip.eval")
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.output_dir)
     table = markdown(rows, labels, args.suite)
     write_text(out_dir / f"suite_{args.suite}.md", table)
-    write_json(out_dir / f"suite_{args.suite}.json", {
+    write_results(out_dir / f"suite_{args.suite}.json", {
         "suite": args.suite, "models": [{"model": m, "pretrained": p or "", "label": lab}
                                         for (m, p), lab in zip(models, labels)],
         "rows": rows, "missing": sorted(missing), "results": records})

@@ -19,6 +19,7 @@ import torch
 from diffclip.eval import linear_probe, robustness, run_suite, zeroshot
 from diffclip.eval.common import limit
 from diffclip.eval.readers import _timm_info, build_dataset, imagenet_wnids
+from diffclip.eval.runner import RECORD_KEYS, read_records
 from PIL import Image
 from safetensors.torch import load_file
 from sklearn.datasets import load_digits
@@ -29,7 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 MODEL = "DiffCLIP-Tiny-64"
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
-RECORD_KEYS = {"dataset", "model", "pretrained", "task", "metrics", "language"}
 
 
 def _write_idx(path: Path, arr: np.ndarray):
@@ -102,7 +102,7 @@ def _finish(p: subprocess.Popen) -> tuple[int, str, str]:
 
 
 def _check_record(rec: dict, task: str, metric_keys: set):
-    assert set(rec) >= RECORD_KEYS and rec["task"] == task and rec["model"] == MODEL and rec["language"] == "en"
+    assert set(rec) >= set(RECORD_KEYS) and rec["task"] == task and rec["model"] == MODEL and rec["language"] == "en"
     assert set(rec["metrics"]) == metric_keys
     assert all(0.0 <= v <= 1.0 for k, v in rec["metrics"].items() if k.startswith(("lp_", "acc", "mean", "image",
                                                                                      "text"))), rec["metrics"]
@@ -113,9 +113,12 @@ def test_zeroshot_cli(idx_root, cli_runs, tmp_path):
     assert code == 0, stderr
     out, clf = cli_runs["dir"] / "zs.json", cli_runs["dir"] / "clf.safetensors"
     rec = json.loads(out.read_text())
+    assert tuple(rec) == RECORD_KEYS  # CLIP_benchmark's record exactly; the rest is in the sidecar
     _check_record(rec, "zeroshot_classification", {"acc1", "acc5", "mean_per_class_recall"})
     assert rec["dataset"] == "fashion-mnist" and rec["pretrained"] == ""
-    assert json.loads(stdout.strip().splitlines()[-1]) == rec
+    assert json.loads(stdout.strip().splitlines()[-1]) == rec  # stdout: the record, no per-sample lists
+    (full,) = read_records(out)
+    assert full["root"] == str(idx_root) and [len(v) for v in full["per_sample"].values()] == [20, 20]
     w = load_file(str(clf))["classifier"]
     assert w.shape == (128, 10)
     # deterministic: the same run in-process with the saved classifier gives the same metrics
@@ -140,7 +143,7 @@ def test_linear_probe_cli_and_fewshot(idx_root, cli_runs, tmp_path):
     code, _, stderr = _finish(cli_runs["linear_probe"])
     assert code == 0, stderr
     cache = cli_runs["dir"] / "cache"
-    rec = json.loads((cli_runs["dir"] / "lp.json").read_text())
+    (rec,) = read_records(cli_runs["dir"] / "lp.json")
     hyper = {"C", "weight_decay", "seed", "max_iter", "normalized"}  # inside metrics, as CLIP_benchmark puts them
     _check_record(rec, "linear_probe", {"lp_acc1", "lp_acc5", "lp_mean_per_class_recall"} | hyper)
     assert rec["probe"]["n_train"] == 40 and rec["probe"]["C"] > 0
@@ -152,7 +155,7 @@ def test_linear_probe_cli_and_fewshot(idx_root, cli_runs, tmp_path):
                                     "--fewshot-k", "2", "--seeds", "0", "1", "--no-progress",
                                     "--output", str(tmp_path / "fs.json")])
     assert e.value.code == 0
-    fs = json.loads((tmp_path / "fs.json").read_text())
+    (fs,) = read_records(tmp_path / "fs.json")
     assert fs["fewshot_k"] == 2 and [s["seed"] for s in fs["per_seed"]] == [0, 1]
     train = limit(build_dataset("fashion-mnist", idx_root, "train"), 40)
     assert all(s["n_train"] == sum(min(2, c) for c in np.bincount(train.targets)) for s in fs["per_seed"])

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 from diffclip.eval import linear_probe, retrieval, robustness, run_suite, zeroshot
+from diffclip.eval.runner import RECORD_KEYS, read_records
 from eval_helpers import write_emoji_set, write_idx_digits
 
 from diffclip.cli import run as run_cli
@@ -37,8 +38,7 @@ def test_suite_records_are_the_programs_records(tmp_path):
     _run(run_suite.main, ["--model", MODEL, "--suite", "local", "--root", f"fashion-mnist={idx}", "--data-root",
                           str(sources), "--max-samples", "6", "--workers", "0", "--no-progress", "--no-cache",
                           "--output-dir", str(tmp_path / "suite")])
-    suite = json.loads((tmp_path / "suite" / "suite_local.json").read_text())
-    by_task = {(r.pop("suite_task"), r["dataset"]): r for r in suite["results"]}
+    by_task = {(r.pop("suite_task"), r["dataset"]): r for r in read_records(tmp_path / "suite" / "suite_local.json")}
     programs = {
         ("zeroshot", "emoji-twitter"): (zeroshot.main, ["--dataset", "emoji-twitter", "--data-root", str(sources)]),
         ("retrieval", "emoji-google"): (retrieval.main, ["--dataset", "emoji-google", "--data-root", str(sources)]),
@@ -48,7 +48,8 @@ def test_suite_records_are_the_programs_records(tmp_path):
     for (task, name), (main, argv) in programs.items():
         out = tmp_path / f"{task}.json"
         _run(main, QUICK + argv + ["--output", str(out)])
-        record = json.loads(out.read_text())
+        assert tuple(json.loads(out.read_text())) == RECORD_KEYS  # the file: CLIP_benchmark's record exactly
+        record = read_records(out)[0]  # with its sidecar's details
         assert record.get("per_sample") or task == "linear_probe"  # the outcomes a bootstrap needs
         assert by_task[(task, name)] == record, (task, name)
 

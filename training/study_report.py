@@ -1,7 +1,7 @@
 """The summary of a study (training/study.py) from its result files alone: per evaluation metric and model the
 values over seeds, mean ± std (sample std, n-1), and against the baseline the mean paired difference with a
 two-sided paired t-test over seeds (scipy.stats.ttest_rel; needs >= 2 seeds) and, where the result files hold
-per-sample outcomes (``per_sample``), a paired bootstrap over the evaluation samples (:func:`paired_bootstrap`), so
+per-sample outcomes (``per_sample``, in each result file's sidecar), a paired bootstrap over the evaluation samples (:func:`paired_bootstrap`), so
 the table says which differences are beyond seed noise (p < 0.05) and beyond sampling noise (a 95 % interval
 without 0); then the paper's tables and figures (:mod:`diffclip.eval.report`, first model =
 the baseline of Figure 1) in ``<output>/report``. A finetune study's summary is its table (:func:`finetune_rows`):
@@ -23,12 +23,14 @@ def labels(study: dict) -> list[str]:
 
 
 def collect(jobs: list[dict]) -> dict:
-    """``{eval name: {label: {seed: record}}}`` of the evaluation jobs' result files present."""
+    """``{eval name: {label: {seed: record}}}`` of the evaluation jobs' result files present, each with the details
+    of its sidecar (``per_sample``; :func:`diffclip.eval.runner.read_records`)."""
+    from diffclip.eval.runner import read_records
+
     found: dict = {}
     for j in jobs:
         if j["kind"] == "eval" and Path(j["output"]).is_file():
-            found.setdefault(j["eval"], {}).setdefault(j["label"], {})[j["seed"]] = json.loads(
-                Path(j["output"]).read_text())
+            found.setdefault(j["eval"], {}).setdefault(j["label"], {})[j["seed"]] = read_records(j["output"])[0]
     return found
 
 
