@@ -54,11 +54,11 @@ from diffclip.eval.common import (
     weights_fingerprint,
 )
 from diffclip.eval.protocols import MEAN_PER_CLASS_DATASETS, fewshot, paper_linear_probe
-from diffclip.eval.runner import program_parser, run_program
+from diffclip.eval.runner import program_parser, run_program, write_record, write_records
 
 from diffclip.cli import UsageError, positive_float, positive_int, run, unit_interval
 from diffclip.errors import InputError
-from diffclip.files import write_bytes, write_json, write_text
+from diffclip.files import write_bytes
 from diffclip.metrics import classification_metrics
 from diffclip.runtime import get_autocast
 
@@ -350,12 +350,10 @@ def _evaluate(model, preprocess, tokenizer, names: list[str], args: argparse.Nam
 
 def _write(args: argparse.Namespace, records: list[dict]) -> None:
     if args.output and args.output.endswith(".jsonl"):
-        write_text(args.output, "".join(json.dumps(r) + "\n" for r in records))
-    elif args.output:
-        for n, r in zip(_names(args), records):
-            write_json(args.output.replace("{dataset}", n.replace("/", "_")), r)
-    for r in records:
-        print(json.dumps(r))
+        write_records(args.output, records)
+        return
+    for n, r in zip(_names(args), records):
+        write_record(args.output and args.output.replace("{dataset}", n.replace("/", "_")), r)
 
 
 def main(argv: list[str] | None = None) -> int:
