@@ -232,11 +232,13 @@ def tensorboard_scalars(kind: str, step: int, values: dict, context: dict) -> tu
 
 class MetricsLogger:
     """The one place a run's metrics go (rank 0): a line of JSON per record in ``results.jsonl`` and, when
-    ``tensorboard_dir`` is given, each number as the TensorBoard scalar ``<kind>/<name>`` at the record's step.
+    ``tensorboard_dir`` is given, each number as a TensorBoard scalar under open_clip_train's tag
+    (:func:`tensorboard_scalars`): training records at their step, evaluations at the epoch.
 
     A resumed run passes ``resume_step`` (the checkpoint's step): the records of later steps, which the resumed run
     logs again, are dropped from ``results.jsonl`` (``dropped`` counts them, with any line a kill cut short) and
-    TensorBoard hides its events of those steps (``purge_step``), so every step appears once."""
+    TensorBoard hides its events of those steps (``purge_step``), so every step appears once (an evaluation that
+    the resumed run repeats, logged at its epoch, not its step, can appear twice there, as in open_clip)."""
 
     def __init__(self, results_path, tensorboard_dir=None, resume_step: int | None = None):
         self.path = Path(results_path)
