@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
-# shell words that are not programs of this project
-SHELL = {"cd", "source", "export", "rm", "mkdir", "ls", "cat", "echo", "git", "apt-get", "npm", "sudo"}
+# shell words and other tools' programs that are not programs of this project
+SHELL = {"cd", "source", "export", "rm", "mkdir", "ls", "cat", "echo", "git", "apt-get", "npm", "sudo", "img2dataset"}
 # an argument naming a file of this tree that the command reads (outputs such as docs/images/*.png are not checked)
 PROJECT_FILE = re.compile(r"^(studies|eval|training|scripts|bench|diffclip)/[\w./-]+\.(json|py|sh|txt)$")
 

@@ -20,8 +20,9 @@ Sources (read by ``training/sources.py``, the demo's catalogue):
 Images are converted to RGB (transparent pixels composited on white, so transparent emoji and clip art stay on
 white after JPEG encoding), then resized to ``--image-size`` by ``--resize-mode``: ``pad`` (default: the longer
 side to the size, keeping the aspect ratio, centred on a white square; nothing is cropped away, the train-time
-RandomResizedCrop does the cropping), ``shorter`` (the shorter side to the size, as img2dataset's default) or
-``crop`` (shorter side, then a centre crop to a square). Without ``--image-size`` the size is kept. A listed file
+RandomResizedCrop does the cropping; img2dataset's default ``--resize_mode border`` does the same), ``shorter``
+(the shorter side to the size: img2dataset's ``keep_ratio``) or ``crop`` (shorter side, then a centre crop to a
+square: its ``center_crop``). Without ``--image-size`` the size is kept. A listed file
 that is missing, not a regular file (a FIFO, a device, a folder: never opened) or not decodable is skipped and
 counted by reason in ``make_shards.json``.
 

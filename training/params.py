@@ -29,11 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-data-upsampling-factors", default=None, help="'::'-separated sampling weights, one "
                    "per source of --train-data (needs --dataset-resampled)")
     g.add_argument("--train-num-samples", type=positive_int, default=None, help="samples per epoch (default: "
-                   "from sizes.json / __len__ of the shards)")
+                   "from sizes.json, img2dataset's NNNNN_stats.json or __len__ beside the shards)")
     g.add_argument("--dataset-resampled", action="store_true", help="sample shards with replacement")
     g.add_argument("--val-data", default=None, help="validation shards (contrastive loss and retrieval recall)")
     g.add_argument("--val-num-samples", type=positive_int, default=None, help="validation samples, for shards "
-                   "without sizes.json / __len__")
+                   "without sizes.json, img2dataset's NNNNN_stats.json or __len__")
     g.add_argument("--workers", type=nonneg_int, default=1, help="data loader workers per process")
     g.add_argument("--zeroshot-data", default=None, help="zero-shot set: an image folder with one sub-folder per "
                    "class, optional classnames.txt (one name per sub-folder, sorted order) and templates.txt "
