@@ -17,10 +17,15 @@ Formats read by :func:`load_pretrained`:
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import pathlib
 import pickle
+import pickletools
+import re
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -141,13 +146,80 @@ def resolve_pretrained(pretrained: str, model_name: str | None = None) -> str:
     return str(path)
 
 
+def _named_globals(stream) -> list[str]:
+    """The globals (``module.name``) one pickle in ``stream`` names, read with :mod:`pickletools` (nothing is
+    unpickled); the stream is left after its STOP."""
+    names: list[str] = []
+    strings: list[str] = []  # strings pushed so far, for STACK_GLOBAL (module, name)
+    memo: dict[int, object] = {}
+    last = None
+    for op, arg, _ in pickletools.genops(stream):
+        if op.name == "GLOBAL":
+            names.append(arg.replace(" ", "."))
+        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+            names.append(f"{strings[-2]}.{strings[-1]}")
+        elif op.name == "MEMOIZE":
+            memo[len(memo)] = last
+        elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[arg] = last
+        elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+            last = memo.get(arg)
+            if isinstance(last, str):
+                strings.append(last)
+        else:
+            last = arg if isinstance(arg, str) else None
+            if isinstance(arg, str) and op.name != "STOP":
+                strings.append(arg)
+    return names
+
+
+def _forbidden_globals(path: Path) -> list[str]:
+    """The globals named by the pickles of ``path`` (a zip checkpoint's ``data.pkl``; else the pickles at the
+    start of a legacy or plain pickle file) that the allow-list does not hold, in order, without repeats."""
+    try:  # torch's own allow-list (a private name: without it every global not of ours is listed)
+        from torch._weights_only_unpickler import _get_allowed_globals
+        allowed = set(_get_allowed_globals())
+    except ImportError:
+        allowed = set()
+    allowed |= {f"{g.__module__}.{g.__qualname__}" for g in CHECKPOINT_SAFE_GLOBALS}
+    names: list[str] = []
+    with open(path, "rb") as f:
+        streams = [f]
+        if zipfile.is_zipfile(f):
+            with zipfile.ZipFile(f) as z:
+                member = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                streams = [io.BytesIO(z.read(member))] if member else []
+        f.seek(0)
+        for stream in streams:
+            for _ in range(8):  # legacy format: magic number, protocol, system info, the object, storage keys
+                try:
+                    names += _named_globals(stream)
+                except Exception:  # the raw tensor bytes after the pickles, or no pickle at all
+                    break
+    names = [re.sub(r"^__builtin__\.", "builtins.", n) for n in names]  # protocol 2's name of the module
+    return list(dict.fromkeys(n for n in names if n not in allowed))
+
+
+def _torch_reason(e: BaseException) -> str:
+    """The cause in a torch.load error, in one line, without torch's advice to load with ``weights_only=False``
+    (which could run code) or to allow-list the type."""
+    text = str(e).replace(getattr(torch.serialization, "UNSAFE_MESSAGE", "\0"), "")
+    text = re.sub(r"Weights only load failed\.|Please file an issue with the following.*?WeightsUnpickler error:|"
+                  r"Check the documentation of torch\.load.*|Please use `torch\.serialization\..*", "", text,
+                  flags=re.S)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
 def torch_load(path: str | os.PathLike) -> Any:
     """The one reader of PyTorch pickles in diffclip: ``torch.load(weights_only=True)`` on the CPU with the
-    allow-list :data:`CHECKPOINT_SAFE_GLOBALS`.
+    allow-list :data:`CHECKPOINT_SAFE_GLOBALS` (zip, legacy and plain pickle files; torch's warning about a
+    pickle protocol is silenced).
 
     Raises:
         FileNotFoundError: no such file.
-        pickle.UnpicklingError: the pickle names a type outside the allow-list (it could run code).
+        pickle.UnpicklingError: the pickle names a type outside the allow-list (it could run code); one line
+            naming the file and those globals. Nothing of the file is run.
         ValueError: one line naming the file when it is empty, truncated or not a PyTorch file.
     """
     p = Path(path)
@@ -156,17 +228,20 @@ def torch_load(path: str | os.PathLike) -> Any:
     if p.stat().st_size == 0:
         raise InputError(f"{path}: empty file; expected a PyTorch checkpoint")
     try:
-        with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
+        with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        detail = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported global" in ln), "")
-        if detail:
-            raise pickle.UnpicklingError(f"refusing to unpickle {path}: it needs a type outside the allow-list, "
-                                         f"which could run code ({detail})") from None
-        raise InputError(f"{path}: not a PyTorch checkpoint ({one_line(e)})") from None
+        # torch stops at the first global it refuses, or earlier at an opcode it does not read (protocol 4's
+        # FRAME): the globals are then found by reading the opcodes, without unpickling anything
+        forbidden = _forbidden_globals(p) or re.findall(r"GLOBAL (\S+)", str(e))[:1]
+        if forbidden:
+            raise pickle.UnpicklingError(f"refusing to unpickle {path}: it names {', '.join(forbidden[:4])}, "
+                                         f"outside the allow-list of types that cannot run code") from None
+        raise InputError(f"{path}: not a PyTorch checkpoint ({_torch_reason(e)})") from None
     except (EOFError, IndexError, KeyError, TypeError, AttributeError, RuntimeError, ValueError) as e:
         raise InputError(f"{path}: not a readable PyTorch checkpoint, truncated or another format "
-                         f"({one_line(e)})") from None
+                         f"({_torch_reason(e)})") from None
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
