@@ -4,10 +4,11 @@ palettes become RGB."""
 from __future__ import annotations
 
 import os
+from typing import IO
 
 from PIL import Image
 
-__all__ = ["IMAGE_EXTENSIONS", "to_rgb", "load_image", "undecodable", "ToMode"]
+__all__ = ["IMAGE_EXTENSIONS", "to_rgb", "decode_image", "load_image", "undecodable", "ToMode"]
 
 #: file extensions read as images (lower case, without the dot; a webdataset sample's image key is one of them),
 #: in order of preference when a sample has several
@@ -28,19 +29,24 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] | None = None) -> 
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def load_image(path: str | os.PathLike, background: tuple[int, int, int] | None = None) -> Image.Image:
-    """Opens and decodes an image file as RGB (see :func:`to_rgb`). Raises OSError (PIL's
-    ``UnidentifiedImageError`` is one) when the file is missing or cannot be decoded."""
+def decode_image(file: IO[bytes], name: str, background: tuple[int, int, int] | None = None) -> Image.Image:
+    """Decodes an image from the binary ``file`` in full, as RGB (see :func:`to_rgb`). Raises OSError
+    ``image NAME cannot be decoded (...)`` when it is not an image, truncated, or a decompression bomb: every
+    decode error names its file (``name``: a path, or a member and its archive)."""
     try:
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            img.load()
-    except FileNotFoundError:
-        raise
+        img = Image.open(file)
+        img.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise OSError(f"image {path} cannot be decoded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        raise OSError(f"image {name} cannot be decoded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
                       ) from None
     return to_rgb(img, background)
+
+
+def load_image(path: str | os.PathLike, background: tuple[int, int, int] | None = None) -> Image.Image:
+    """Opens and decodes an image file as RGB (see :func:`to_rgb`). Raises FileNotFoundError when it is missing
+    and OSError naming it when it cannot be read or decoded (:func:`decode_image`)."""
+    with open(path, "rb") as f:
+        return decode_image(f, str(path), background)
 
 
 def undecodable(paths) -> list[tuple[str, str]]:

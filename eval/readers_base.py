@@ -12,7 +12,7 @@ import json
 import os
 import struct
 import tarfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from diffclip.errors import InputError
-from diffclip.images import IMAGE_EXTENSIONS, load_image, to_rgb
+from diffclip.images import IMAGE_EXTENSIONS, decode_image, load_image
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -65,9 +65,20 @@ FASHION_MNIST_CLASSES = CLASSNAMES["fashion-mnist"]
 # ---------------------------------------------------------------------------------------------------------------
 
 def read_lines(path: str | os.PathLike) -> list[str]:
-    """Non-empty, stripped lines of a UTF-8 text file (class names, templates)."""
-    with open(path, encoding="utf-8") as f:
-        return [ln.strip() for ln in f if ln.strip()]
+    """Non-empty, stripped lines of a UTF-8 text file (class names, templates). Raises ValueError naming the file
+    when it is not UTF-8 text."""
+    return [ln.strip() for ln in text_lines(path) if ln.strip()]
+
+
+def text_lines(path: str | os.PathLike, newline: str | None = None) -> Iterator[str]:
+    """The lines of a UTF-8 text file (for ``csv.reader`` too, with ``newline=""``). A byte that is not UTF-8
+    raises ValueError naming the file (a binary file given as a caption or class-name file), not a bare
+    ``UnicodeDecodeError``."""
+    try:
+        with open(path, encoding="utf-8", newline=newline) as f:
+            yield from f
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not a UTF-8 text file (byte {e.object[e.start]:#04x}: {e.reason})") from None
 
 
 def exists_or_raise(path: Path, name: str, layout: str, is_dir: bool = True) -> Path:
@@ -189,6 +200,7 @@ class _TarMember:
     path: str
     offset: int
     size: int
+    name: str = ""  # the member's name in the tar
 
 
 def _index_tar(path: str) -> list[tuple[str, dict[str, _TarMember]]]:
@@ -206,7 +218,7 @@ def _index_tar(path: str) -> list[tuple[str, dict[str, _TarMember]]]:
             key = f"{folder}/{stem}" if folder else stem
             if not samples or samples[-1][0] != key:
                 samples.append((key, {}))
-            samples[-1][1][ext.lower()] = _TarMember(path, m.offset_data, m.size)
+            samples[-1][1][ext.lower()] = _TarMember(path, m.offset_data, m.size, m.name)
     return samples
 
 
@@ -214,6 +226,21 @@ def _read_member(m: _TarMember) -> bytes:
     with open(m.path, "rb") as f:
         f.seek(m.offset)
         return f.read(m.size)
+
+
+def _member_text(m: _TarMember) -> str:
+    try:
+        return _read_member(m).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{m.path}: {m.name} is not UTF-8 text") from None
+
+
+def _class_label(m: _TarMember) -> int:
+    text = _member_text(m).strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise InputError(f"{m.path}: {m.name} is not an integer class label ({text[:20]!r})") from None
 
 
 class TarShardDataset(Dataset):
@@ -248,16 +275,16 @@ class TarShardDataset(Dataset):
             raise InputError(f"no samples with an image and a '{'cls' if task == 'classification' else 'txt'}' "
                              f"entry in {len(shards)} shard(s) starting with {shards[0] if shards else '-'}")
         if task == "classification":
-            self.targets = [int(_read_member(m).decode().strip()) for _, _, m in self.samples]
+            self.targets = [_class_label(m) for _, _, m in self.samples]
         else:
-            self.captions = [[c.strip() for c in _read_member(m).decode("utf-8").splitlines() if c.strip()]
-                             for _, _, m in self.samples]
+            self.captions = [[c.strip() for c in _member_text(m).splitlines() if c.strip()] for _, _, m in self.samples]
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        img = to_rgb(Image.open(io.BytesIO(_read_member(self.samples[i][1]))))
+        member = self.samples[i][1]
+        img = decode_image(io.BytesIO(_read_member(member)), f"{member.name} in {member.path}")
         img = self.transform(img) if self.transform else img
         return img, (self.targets[i] if self.task == "classification" else i)
 

@@ -18,6 +18,7 @@ from diffclip.eval.readers_base import (
     pretty_name,
     read_idx,
     read_lines,
+    text_lines,
 )
 from diffclip.eval.readers_imagenet import (
     _split_folder,
@@ -25,12 +26,14 @@ from diffclip.eval.readers_imagenet import (
 from diffclip.eval.readers_registry import register
 
 from diffclip.errors import InputError
+from diffclip.images import IMAGE_EXTENSIONS
 
 # ---------------------------------------------------------------------------------------------------------------
 # Generic folders, Tiny ImageNet, CLIP_benchmark webdataset
 # ---------------------------------------------------------------------------------------------------------------
 
-_FOLDER_LAYOUT = ("<root>/[<split>/]<class>/*.jpg (one folder per class, sorted names = class order); class names "
+_FOLDER_LAYOUT = ("<root>/[<split>/]<class>/*.jpg (one folder per class, sorted names = class order, none empty); "
+                  "class names "
                   "from --classnames FILE, <root>/classnames.txt (one per line, same order) or the folder names; "
                   "templates from --templates FILE or <root>/templates.txt")
 
@@ -44,7 +47,13 @@ def _folder(root, split, transform):
     if not dirs:
         raise DatasetNotFoundError(f"dataset 'folder': {folder} has no class folders; expected layout: "
                                    f"{_FOLDER_LAYOUT}")
-    samples = [(p, i) for i, d in enumerate(dirs) for p in list_images(d)]
+    samples = []
+    for i, d in enumerate(dirs):  # an empty class would still be a class: a free top-5 hit, a wrong class count
+        images = list_images(d)
+        if not images:
+            raise InputError(f"dataset 'folder': class folder {d} holds no image (extensions "
+                             f"{', '.join(IMAGE_EXTENSIONS)}); add its images or remove the folder")
+        samples += [(p, i) for p in images]
     names = [pretty_name(d.name) for d in dirs]
     for cand in (folder / "classnames.txt", root / "classnames.txt"):
         if cand.is_file():
@@ -96,7 +105,10 @@ _WDS_RET_LAYOUT = ("<root>/{<split>/nshards.txt,<split>/0.tar..<split>/<n-1>.tar
 
 def _wds_shards(root: Path, split: str, layout: str) -> list[str]:
     nfile = exists_or_raise(root / split / "nshards.txt", "wds", layout, is_dir=False)
-    n = int(nfile.read_text().strip())
+    text = "".join(text_lines(nfile)).strip()
+    if not text.isdigit():
+        raise InputError(f"{nfile}: expected a number of shards, got {text[:20]!r}")
+    n = int(text)
     shards = [root / split / f"{i}.tar" for i in range(n)]
     missing = [s for s in shards if not s.is_file()]
     if missing:

@@ -8,10 +8,16 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from diffclip.eval.readers_base import DatasetNotFoundError, RetrievalDataset, TarShardDataset, exists_or_raise
+from diffclip.eval.readers_base import (
+    DatasetNotFoundError,
+    RetrievalDataset,
+    TarShardDataset,
+    exists_or_raise,
+    text_lines,
+)
 from diffclip.eval.readers_registry import REGISTRY, register
 
-from diffclip.errors import InputError
+from diffclip.errors import InputError, one_line
 
 # ---------------------------------------------------------------------------------------------------------------
 # Retrieval: Karpathy splits (COCO, Flickr30k, Flickr8k), CSV / JSONL
@@ -25,7 +31,11 @@ def _karpathy(root: Path, split: str, transform, name: str, json_name: str, imag
         (p for p in (root / json_name, root / "annotations" / json_name, root / "karpathy" / json_name)
          if p.is_file()), root / json_name)
     exists_or_raise(ann, name, layout, is_dir=False)
-    images = [im for im in json.loads(ann.read_text(encoding="utf-8"))["images"] if im.get("split") == split]
+    try:
+        images = [im for im in json.loads("".join(text_lines(ann)))["images"] if im.get("split") == split]
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise InputError(f"dataset {name!r}: {ann} is not a Karpathy split file ({one_line(e)}); expected "
+                         f"{{\"images\": [{{\"filename\", \"split\", \"sentences\"}}, ...]}}") from None
     if not images:
         raise InputError(f"dataset {name!r}: {ann} has no images in split {split!r}")
 
@@ -68,21 +78,51 @@ _CSV_LAYOUT = ("a CSV/TSV file with a header row and columns 'filepath' and 'cap
                "same keys per line")
 
 
+def _caption_rows(path: Path, fmt: str, keys: tuple[str, str], sep: str) -> list[tuple[int, dict]]:
+    """``(line number, row)`` of a caption CSV/TSV (rows of as many fields as the header) or JSONL file (one
+    object per non-blank line); ValueError naming the file and line for any other row."""
+    rows: list[tuple[int, dict]] = []
+    if fmt == "jsonl":
+        for lineno, line in enumerate(text_lines(path), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{lineno}: not a JSON object ({e.msg})") from None
+            if not isinstance(obj, dict) or not all(k in obj for k in keys):
+                raise InputError(f"{path}:{lineno}: expected an object with the keys {keys[0]!r} and {keys[1]!r}, "
+                                 f"got {line.strip()[:60]}")
+            rows.append((lineno, obj))
+        return rows
+    reader = csv.reader(text_lines(path, newline=""), delimiter=sep)
+    try:
+        header = next(reader, [])
+        if header and not all(k in header for k in keys):
+            raise InputError(f"{path} needs the keys {keys[0]!r} and {keys[1]!r}, found {sorted(header)}")
+        for fields in reader:
+            if not fields:
+                continue  # a blank line
+            if len(fields) != len(header):
+                raise InputError(f"{path}:{reader.line_num}: {len(fields)} field(s), expected {len(header)} fields "
+                                 f"({sep.join(header)}); quote a caption that holds the separator")
+            rows.append((reader.line_num, dict(zip(header, fields))))
+    except csv.Error as e:
+        raise InputError(f"{path}:{reader.line_num}: not a CSV row ({e})") from None
+    return rows
+
+
 def _caption_table(root: Path, split, transform, fmt: str, img_key="filepath", caption_key="caption", sep=None):
     exists_or_raise(root, fmt, _CSV_LAYOUT, is_dir=False)
-    rows: list[dict] = []
-    if fmt == "jsonl":
-        with open(root, encoding="utf-8") as f:
-            rows = [json.loads(ln) for ln in f if ln.strip()]
-    else:
-        sep = sep or ("\t" if root.suffix.lower() == ".tsv" else ",")
-        with open(root, encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f, delimiter=sep))
-    if rows and (img_key not in rows[0] or caption_key not in rows[0]):
-        raise InputError(f"{root} needs the keys {img_key!r} and {caption_key!r}, found {sorted(rows[0])}")
+    sep = sep or ("\t" if root.suffix.lower() == ".tsv" else ",")
     grouped: dict[str, list[str]] = {}
-    for r in rows:
-        grouped.setdefault(r[img_key], []).append(str(r[caption_key]).strip())
+    for lineno, r in _caption_rows(root, fmt, (img_key, caption_key), sep):
+        path, caption = r[img_key], r[caption_key]
+        if not isinstance(path, str) or not path.strip():
+            raise InputError(f"{root}:{lineno}: empty {img_key} (expected an image path)")
+        if not isinstance(caption, str) or not caption.strip():
+            raise InputError(f"{root}:{lineno}: empty caption ({caption_key} is {json.dumps(caption)}; expected text)")
+        grouped.setdefault(path, []).append(caption.strip())
     if not grouped:
         raise InputError(f"{root} holds no rows")
     paths = [p if os.path.isabs(p) else root.parent / p for p in grouped]

@@ -2,9 +2,11 @@
 
 ``DIR`` is read by the evaluation suite's ``folder`` reader (:mod:`diffclip.eval.readers`): one sub-folder of
 images per class, in sorted order; optional ``classnames.txt`` (one readable name per line, same order) and
-``templates.txt`` (one prompt per line with ``{}`` or ``{c}`` for the class name). Every image is decoded once
-when the set is loaded, before training starts: undecodable files are left out and counted in the log, so an
-evaluation can never end a run. The classifier and the metrics are :mod:`diffclip.zero_shot`'s.
+``templates.txt`` (one prompt per line with ``{}`` or ``{c}`` for the class name). The same reader and rule as
+``eval/zeroshot.py --dataset folder``: a class folder without an image is refused, naming it. Every image is decoded
+once when the set is loaded, before training starts: undecodable files are left out and counted in the log, so an
+evaluation can never end a run; a class left without a decodable image is refused too (it would still be a class).
+The classifier and the metrics are :mod:`diffclip.zero_shot`'s.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def load_zeroshot_set(root: str | Path, preprocess):
     Raises:
         FileNotFoundError: ``root`` missing or without class folders of images.
         ValueError: a ``classnames.txt`` with another count than the class folders, a template without exactly one
-        placeholder, or no decodable image at all.
+        placeholder, a class folder without an image or without a decodable one.
     """
     from diffclip.eval import readers
 
@@ -46,12 +48,16 @@ def load_zeroshot_set(root: str | Path, preprocess):
         raise type(e)(f"--zeroshot-data {root}: {str(e).splitlines()[0]}") from None
     bad = undecodable(p for p, _ in dataset.samples)
     if bad:
+        target_of = dict(dataset.samples)
         skip = {p for p, _ in bad}
         dataset.samples = [s for s in dataset.samples if s[0] not in skip]
         dataset.targets = [t for _, t in dataset.samples]
         log.warning("--zeroshot-data %s: skipped %d undecodable image(s), e.g. %s", root, len(bad), bad[0][1])
-    if not dataset.samples:
-        raise InputError(f"--zeroshot-data {root}: no decodable image")
+        emptied = sorted({target_of[p] for p in skip} - set(dataset.targets))
+        if emptied:
+            example = next(p for p, _ in bad if target_of[p] == emptied[0])
+            raise InputError(f"--zeroshot-data {root}: class {dataset.classnames[emptied[0]]!r} has no decodable "
+                             f"image (e.g. {example})")
     dataset.name = root.name
     return dataset
 
