@@ -20,6 +20,7 @@ from diffclip.eval.protocols import (
     sample_episodes,
     train_val_split,
 )
+from diffclip.eval.runner import read_records
 from eval_helpers import DIGITS, digit, save
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,7 +161,7 @@ def test_linear_probe_paper_protocol_cli(tmp_path):
                         "--episodes", "500", "--workers", "0", "--no-cache", "--no-progress", "--output", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    rec = json.loads(out.read_text())
+    (rec,) = read_records(out)  # the record file and its sidecar (root, protocol, ...)
     assert rec["protocol"] == "paper" and rec["paper_metric"] == "acc1" and rec["task"] == "linear_probe"
     m = rec["metrics"]
     assert 0.1 < m["lp_acc1"] <= 1 and 0.2 < m["fewshot_acc"] <= 1 and m["episodes"] == 500 and m["C"] > 0
