@@ -234,6 +234,83 @@ def test_csv_and_jsonl_captions(tmp_path):
         build_retrieval_dataset("csv", tmp_path / "bad.csv")
 
 
+@pytest.mark.parametrize("text,line,expected", [
+    ("filepath,caption\nimg/0.png,zero\nimg/1.png\n", 3, "expected 2 fields"),  # no caption (was "None")
+    ("filepath,caption\nimg/0.png,zero,extra\n", 2, "expected 2 fields"),
+    ("filepath,caption\nimg/0.png,zero\nimg/1.png,  \n", 3, "empty caption"),
+    ("filepath,caption\n,zero\n", 2, "empty filepath"),
+])
+def test_malformed_caption_csv_rows_are_refused_with_file_and_line(tmp_path, text, line, expected):
+    for i in range(2):
+        save(digit(i), tmp_path / "img" / f"{i}.png")
+    (tmp_path / "caps.csv").write_text(text)
+    with pytest.raises(ValueError, match=f"caps.csv:{line}: .*{expected}"):
+        build_retrieval_dataset("csv", tmp_path / "caps.csv")
+
+
+def test_malformed_jsonl_and_binary_caption_files_name_the_file(tmp_path):
+    save(digit(0), tmp_path / "0.png")
+    (tmp_path / "caps.jsonl").write_text('{"filepath": "0.png", "caption": "zero"}\n\n'
+                                         '{"filepath": "0.png", "caption": null}\n')
+    with pytest.raises(ValueError, match="caps.jsonl:3: .*caption"):
+        build_retrieval_dataset("jsonl", tmp_path / "caps.jsonl")
+    (tmp_path / "caps.jsonl").write_text('{"filepath": "0.png", "caption": "zero"}\n{"filepath": "0.png"\n')
+    with pytest.raises(ValueError, match="caps.jsonl:2: not a JSON object"):
+        build_retrieval_dataset("jsonl", tmp_path / "caps.jsonl")
+    (tmp_path / "bin.csv").write_bytes(_png_bytes(digit(0)))  # an image given as the caption file
+    for name in ("csv", "jsonl"):
+        with pytest.raises(ValueError, match="bin.csv: not a UTF-8 text file"):
+            build_retrieval_dataset(name, tmp_path / "bin.csv")
+
+
+def test_an_empty_class_folder_is_refused_by_the_folder_reader_and_the_trainer(tmp_path):
+    from diffclip.training.zero_shot_eval import load_zeroshot_set
+
+    for c in ("cat", "dog"):
+        save(digit(0 if c == "cat" else 1), tmp_path / c / "0.png")
+    (tmp_path / "emu").mkdir()
+    (tmp_path / "emu" / "notes.txt").write_text("no image here")
+    with pytest.raises(ValueError, match=f"class folder {tmp_path / 'emu'} holds no image"):
+        build_dataset("folder", tmp_path)
+    with pytest.raises(ValueError, match=f"--zeroshot-data {tmp_path}: .*class folder .*emu holds no image"):
+        load_zeroshot_set(tmp_path, None)
+    (tmp_path / "emu" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")  # its only image does not decode
+    assert len(build_dataset("folder", tmp_path)) == 3
+    with pytest.raises(ValueError, match="class 'emu' has no decodable image .e.g. .*emu/0.png"):
+        load_zeroshot_set(tmp_path, None)
+
+
+def test_every_decode_error_names_the_file(tmp_path):
+    data = _png_bytes(digit(3, 64))
+    (tmp_path / "t.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError, match="t.png cannot be decoded"):
+        readers.load_image(tmp_path / "t.png")
+    (tmp_path / "classnames.txt").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ValueError, match="classnames.txt: not a UTF-8 text file"):
+        readers.read_lines(tmp_path / "classnames.txt")
+    root = tmp_path / "wds"
+    (root / "test").mkdir(parents=True)
+    (root / "classnames.txt").write_text("zero\none\n")
+    (root / "test" / "nshards.txt").write_text("1\n")
+    with tarfile.open(root / "test" / "0.tar", "w") as tf:
+        _tar_add(tf, "s0.png", data[: len(data) // 2])
+        _tar_add(tf, "s0.cls", b"1\n")
+        _tar_add(tf, "s0.txt", b"\xff caption")
+    ds = build_dataset("wds", root)
+    with pytest.raises(OSError, match="image s0.png in .*0.tar cannot be decoded"):
+        ds[0]
+    with pytest.raises(ValueError, match="0.tar: s0.txt is not UTF-8"):
+        build_retrieval_dataset("wds", root)
+    with tarfile.open(root / "test" / "0.tar", "w") as tf:
+        _tar_add(tf, "s0.png", data)
+        _tar_add(tf, "s0.cls", b"one\n")
+    with pytest.raises(ValueError, match="0.tar: s0.cls is not an integer class label"):
+        build_dataset("wds", root)
+    (root / "test" / "nshards.txt").write_text("two\n")
+    with pytest.raises(ValueError, match="nshards.txt: expected a number of shards"):
+        build_dataset("wds", root)
+
+
 def test_emoji_sets(tmp_path):
     write_emoji_set(tmp_path, "google")
     ds = build_dataset("emoji-google", tmp_path)
