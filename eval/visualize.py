@@ -167,12 +167,12 @@ def _rows_for(model, maps, label: str, layers: list[int] | None, heads: list[int
 
 
 def _load_image(args, data_cfg):
-    from PIL import Image
+    from diffclip.images import load_image
 
     if args.image:
         if not Path(args.image).is_file():
             raise InputError(f"--image {args.image} does not exist")
-        return Image.open(args.image).convert("RGB"), None, args.image
+        return load_image(args.image), None, args.image  # decoded in full: an error names the file
     from diffclip.eval.readers import build_dataset
 
     try:

@@ -77,6 +77,7 @@ def test_cli_png_for_diffclip_tower(tmp_path):
 @pytest.mark.parametrize("program,args,named", [
     ("visualize.py", ["--checkpoint", "no-such-model", "--image", "{d}/x.png"], "no-such-model"),
     ("visualize.py", ["--checkpoint", "DiffCLIP-Tiny-64", "--image", "{d}/missing.png"], "missing.png"),
+    ("visualize.py", ["--checkpoint", "DiffCLIP-Tiny-64", "--image", "{d}/truncated.png"], "truncated.png"),
     ("visualize.py", ["--checkpoint", "{d}/garbage.pt", "--image", "{d}/x.png"], "garbage.pt"),
     ("visualize.py", ["--checkpoint", "DiffCLIP-Tiny-64@{d}/garbage.pt", "--image", "{d}/x.png"], "garbage.pt"),
     ("visualize.py", ["--checkpoint", "DiffCLIP-Tiny-64", "--image", "{d}/x.png", "--output", "/proc/x/o.png"],
@@ -93,6 +94,8 @@ def test_cli_bad_input_is_one_line(tmp_path, program, args, named):
     import sys
 
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "x.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(tmp_path / "t.png")
+    (tmp_path / "truncated.png").write_bytes((tmp_path / "t.png").read_bytes()[:2000])  # decodes only partly
     (tmp_path / "garbage.pt").write_bytes(b"\x80\x02garbage")
     argv = [a.format(d=tmp_path) for a in args]
     if "--output" not in argv:
