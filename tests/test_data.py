@@ -2,6 +2,7 @@
 
 import contextlib
 import csv
+import importlib.util
 import io
 import json
 import random
@@ -177,6 +178,20 @@ def test_remote_shards_counts_and_batches_over_http(shards, tmp_path):
         url = server.url
     with pytest.raises(OSError, match=f"cannot read {url}/x/sizes.json: .*[Cc]onnection refused"):
         get_dataset_size([f"{url}/x/00000.tar"])
+
+
+def test_counts_from_other_stores_through_fsspec():
+    """Schemes other than http(s) go through fsspec (its in-memory store here; s3:// the same way with s3fs)."""
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/bucket/i2d/00000_stats.json", json.dumps({"count": 9, "successes": 7}).encode())
+    fs.pipe("/bucket/i2d/00001_stats.json", json.dumps({"count": 9, "successes": 9}).encode())
+    assert get_dataset_size(["memory://bucket/i2d/00000.tar", "memory://bucket/i2d/00001.tar"]) == (16, 2)
+    with pytest.raises(ValueError, match="cannot tell how many samples memory://bucket/none/00000.tar holds"):
+        get_dataset_size(["memory://bucket/none/00000.tar"])
+    if importlib.util.find_spec("s3fs") is None:  # a scheme whose backend is not installed: one line naming it
+        with pytest.raises(ValueError, match="reading s3://bucket/x/sizes.json needs fsspec and its backend"):
+            get_dataset_size(["s3://bucket/x/00000.tar"])
 
 def test_batches_are_images_and_tokens(shards):
     info = _loader(_urls(shards), batch_size=5, seed=1)
