@@ -143,6 +143,13 @@ def test_a_fifo_or_folder_in_the_csv_is_skipped_and_counted_not_read(tmp_path):
     assert summary["train"]["samples"] == 1 and summary["skipped_reasons"] == {"not a regular file": 2}
 
 
+def test_an_undecodable_openclipart_png_is_a_skipped_record(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    rec = sources.Record(str(tmp_path / "broken.png"), None, {"categories": ["animals"], "svg": None})
+    with pytest.raises(sources.SkipSample, match="undecodable image"):
+        sources.record_caption(rec)
+
+
 def test_tsv_and_jsonl_sources_and_byte_identical_reruns(tmp_path):
     for name in PHOTOS[:3]:
         _photo(name).save(tmp_path / f"{name}.png")

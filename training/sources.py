@@ -259,9 +259,14 @@ def _clipart_caption(rec: Record) -> tuple[str, dict]:
     svg = meta.get("svg")
     info = _svg_metadata(Path(svg)) if svg and os.path.exists(svg) else {}
     if not info.get("title") and not svg:
-        with Image.open(rec.path) as im:  # openclipart-png keeps the title in a PNG text chunk
-            info = {"title": _clean_words(str(im.info.get("Title", ""))), "creator": str(im.info.get("Author", "")),
-                    "keywords": []}
+        try:
+            with Image.open(rec.path) as im:  # openclipart-png keeps the title in a PNG text chunk
+                info = {"title": _clean_words(str(im.info.get("Title", ""))),
+                        "creator": str(im.info.get("Author", "")), "keywords": []}
+        except FileNotFoundError:
+            raise SkipSample("missing image") from None
+        except Exception as exn:  # as make_shards.encode_image: counted, not fatal
+            raise SkipSample(f"undecodable image ({type(exn).__name__})") from None
     stem = re.sub(r"(_?\d+[a-z]?)+$", "", Path(rec.path).stem)
     title = info.get("title", "")
     if _GENERIC_TITLE.search(title):  # icon-set titles ("Lemon SVG theme"): the file name says more
