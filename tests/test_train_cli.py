@@ -6,6 +6,7 @@ path, minus the interpreter start-up).
 
 import io
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,18 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], int, str]]:
     (bad_sizes / "sizes.json").write_text('{"00000.tar": \n')
     base = ["--logs", str(tmp / "logs")]
     ok_data = ["--train-data", str(shard_dir / "00000.tar")]
+    # training checkpoints that read but whose entries are wrong (as a crafted or damaged file)
+    good = {"state_dict": {"w": torch.zeros(3)}, "optimizer": {"state": {}, "param_groups": [{"params": [0]}]},
+            "step": 4, "epoch": 0, "batches_done": 4, "rng": [{"python": (3, (1, 2), None)}]}
+    for name, change in (("bad_rng", {}), ("step_text", {"step": "4"}), ("epoch_range", {"epoch": 10**9}),
+                         ("bad_optimizer", {"optimizer": {"state": {}, "param_groups": "all"}})):
+        torch.save({**good, **change}, tmp / f"{name}.pt")
+    no_count = tmp / "no_count"  # validation shards without sizes.json or __len__
+    no_count.mkdir()
+    (no_count / "00000.tar").write_bytes((shard_dir / "00000.tar").read_bytes())
+    with socket.socket() as s:  # a loopback port with nothing listening: a shard server that is down
+        s.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{s.getsockname()[1]}"
     return {
         "unknown flag": ([*ok_data, "--bogus-flag"], 2, "unrecognized arguments: --bogus-flag"),
         "bad value": ([*ok_data, "--batch-size", "0"], 2, "--batch-size"),
@@ -76,6 +89,20 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], int, str]]:
         "run folder exists": ([*ok_data, *base, "--name", "taken"], 1, "--resume latest"),
         "device cuda": ([*ok_data, *base, "--device", "cuda"], 1, "CUDA"),
         "unwritable logs": ([*ok_data, "--logs", "/proc/nowhere"], 1, "--logs"),
+        "pretrained empty": ([*ok_data, *base, "--pretrained", ""], 2, "--pretrained"),
+        "device foo": ([*ok_data, *base, "--device", "foo"], 1, "--device 'foo'"),
+        "resume malformed rng": ([*ok_data, *base, "--resume", str(tmp / "bad_rng.pt")], 1,
+                                 "bad_rng.pt: 'rng' of process 0 is not a generator state"),
+        "resume step not an integer": ([*ok_data, *base, "--resume", str(tmp / "step_text.pt")], 1,
+                                       "step_text.pt: 'step' is '4', expected an integer"),
+        "resume epoch out of range": ([*ok_data, *base, "--resume", str(tmp / "epoch_range.pt")], 1,
+                                      "epoch_range.pt: epoch 1000000000 after only 4 steps"),
+        "resume bad optimizer": ([*ok_data, *base, "--resume", str(tmp / "bad_optimizer.pt")], 1,
+                                 "bad_optimizer.pt: 'optimizer' is not an optimizer state"),
+        "val data without count": ([*ok_data, *base, "--val-data", str(no_count)], 1,
+                                   "pass --val-num-samples"),
+        "shard server down": (["--train-data", down + "/{00000..00001}.tar", "--train-num-samples", "16", *base], 1,
+                              f"--train-data: connection refused: {down}/00000.tar"),
     }
 
 
@@ -114,7 +141,9 @@ CASES = ["unknown flag", "bad value", "bad precision", "lr nan", "beta1 2", "eps
          "missing shards", "folder without shards", "text file as train data", "malformed sizes.json",
          "missing resume file", "resume garbage", "resume empty", "resume truncated", "resume weights only", "resume malicious", "resume latest without name",
          "missing pretrained", "pretrained garbage", "pretrained malicious", "run folder exists", "device cuda",
-         "unwritable logs"]
+         "unwritable logs", "pretrained empty", "device foo", "resume malformed rng", "resume step not an integer",
+         "resume epoch out of range", "resume bad optimizer", "val data without count",
+         "shard server down"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -131,3 +160,37 @@ def test_bad_input_exits_with_one_line(results, case, capsys, monkeypatch):
     assert "Traceback" not in stderr and stdout == ""
     if before is not None:  # no run folder left behind
         assert sorted(logs.iterdir()) == before
+
+
+def test_a_run_folder_in_set_up_is_refused_at_once_naming_its_pid(results):
+    """Another run holds the folder (still building its model, say): a run with the same --name is refused before
+    any work, naming the holder's PID, with or without --resume; the holder's folder is left as it is."""
+    from diffclip.training.run_folder import RunLock
+    from train_helpers import main_in_process
+
+    cases, _ = results
+    logs = Path(cases["run folder exists"][0][cases["run folder exists"][0].index("--logs") + 1])
+    train_data = cases["run folder exists"][0][1]
+    lock = RunLock(logs / "busy")
+    try:
+        for extra in ((), ("--resume", "latest")):
+            code, err = main_in_process("--train-data", train_data, "--logs", str(logs), "--name", "busy", *extra)
+            assert code == 1 and f"is in use by the run of PID {os.getpid()}" in err.strip().splitlines()[-1], err
+            assert "parameters" not in err  # refused before the model was built
+        assert [p.name for p in (logs / "busy").iterdir()] == [".lock"]
+    finally:
+        lock.release()
+
+
+def test_shards_without_images_leave_no_run_folder(results):
+    """Shards found unusable only once the run folder was made (no image in any sample): the error names the shard
+    and the folder, in which no step was taken, is removed, so the same command after a fix is not refused."""
+    from train_helpers import main_in_process
+
+    cases, _ = results
+    argv = cases["run folder exists"][0]
+    logs = Path(argv[argv.index("--logs") + 1])
+    code, err = main_in_process(*argv[:2], "--logs", str(logs), "--name", "no_images", "--batch-size", "4",
+                                "--workers", "0", "--precision", "fp32")
+    assert code == 1 and "has both an image" in err.strip().splitlines()[-1] and "00000.tar" in err, err[-2000:]
+    assert not (logs / "no_images").exists()

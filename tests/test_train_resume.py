@@ -133,3 +133,69 @@ def test_resume_is_exact_when_some_captions_are_not_utf8(tmp_path):
         assert got[step] == pytest.approx(expected[step], abs=1e-6), (step, got[step], expected[step])
     data = [json.loads(x) for x in (logs / "full" / "results.jsonl").read_text().splitlines()]
     assert sum(r["samples_undecodable"] for r in data if r["type"] == "data") >= 6  # the bad samples were met
+
+
+def test_resume_checks_and_replayed_steps(tmp_path):
+    """A short run (2 steps, a checkpoint after each), then continuations of it, in this process:
+
+    * ``final_model/`` files get the mode of any new file (0644 under umask 022), not safetensors' 0600;
+    * a checkpoint mid-epoch resumed with another --batch-size, or with a crafted batches_done or an optimizer of
+      other groups, is refused in one line naming the file, before the run folder is written; the refusal is the
+      last line of the resumed folder's out.log; the temporary a save killed mid-write left is removed at start;
+    * resumed from step 1, step 2 is trained again and appears once in results.jsonl (the old record dropped)."""
+    import os
+
+    from train_helpers import main_in_process
+
+    from diffclip.hub import torch_load
+
+    shards, _ = _write_sources(tmp_path)
+    logs = tmp_path / "logs"
+
+    def main(name, *extra):
+        return main_in_process("--model", MODEL, "--train-data", str(shards), "--train-num-samples", "16",
+                               "--batch-size", "8", "--epochs", "1", "--lr", "1e-3", "--warmup", "1", "--precision",
+                               "fp32", "--workers", "0", "--logs", str(logs), "--name", name, "--log-every-n-steps",
+                               "1", "--save-every-n-steps", "1", *extra)
+
+    code, err = main("a")
+    assert code == 0, err[-3000:]
+    run, ckpts = logs / "a", logs / "a" / "checkpoints"
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (run / "final_model").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
+
+    step1 = ckpts / "step_1.pt"
+    ckpt = torch_load(step1)
+    crafted = {"far.pt": {**ckpt, "batches_done": 99},
+               "groups.pt": {**ckpt, "optimizer": {**ckpt["optimizer"], "param_groups": ckpt["optimizer"]
+                                                   ["param_groups"][:1]}}}
+    for name, content in crafted.items():
+        torch.save(content, tmp_path / name)
+    refusals = {"far.pt": "far.pt: batches_done 99 is not a data position of this run",
+                "groups.pt": "groups.pt: its optimizer has parameter groups of"}
+    for name, expected in refusals.items():
+        code, err = main("b", "--resume", str(tmp_path / name))
+        assert code == 1 and expected in err.strip().splitlines()[-1], err[-2000:]
+    assert not (logs / "b").exists()
+
+    # the newest checkpoint is the mid-epoch step_1.pt, beside the temporary of a save killed mid-write
+    for f in ckpts.glob("*.pt"):
+        if f != step1:
+            f.unlink()
+    stale = ckpts / ".step_2.pt.k1ll3d00.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    results_before = (run / "results.jsonl").read_text()
+    code, err = main("a", "--resume", "latest", "--batch-size", "4")
+    line = err.strip().splitlines()[-1]
+    assert code == 1 and "step_1.pt: written 1 batches into epoch 0 with --batch-size 8" in line, err[-2000:]
+    assert (run / "out.log").read_text().strip().splitlines()[-1].endswith(line.split("error: ", 1)[1])
+    assert not stale.exists() and (run / "results.jsonl").read_text() == results_before
+
+    code, err = main("a", "--resume", "latest")
+    assert code == 0, err[-3000:]
+    records = [json.loads(x) for x in (run / "results.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "train"] == [1, 2]
+    (resume,) = [r for r in records if r["type"] == "resume"]
+    assert resume["records_dropped"] >= 1 and resume["checkpoint"].endswith("step_1.pt")

@@ -133,3 +133,22 @@ def spoil_samples(shard: Path, captions=(), images=()) -> None:
     with wds.TarWriter(str(shard), encoder=False) as tw:
         for key in keys:
             tw.write(samples[key])
+
+
+def main_in_process(*argv: str) -> tuple[int, str]:
+    """``training/main.py ARGV`` run in this process as its console script runs it (``cli.run``): the exit status
+    and what it wrote on stderr (the one-line error, the log). Saves the interpreter start-up of a subprocess."""
+    import contextlib
+    import io
+
+    from diffclip.training.main import main
+
+    from diffclip.cli import run
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            run(main, list(argv))
+        except SystemExit as e:
+            code = e.code
+    return code, err.getvalue()
