@@ -159,6 +159,63 @@ class DiffCLIP(nn.Module, PyTorchModelHubMixin, library_name="diffclip", tags=["
         self.visual.set_grad_checkpointing(enable)
         self.transformer.grad_checkpointing = enable
 
+    def set_patch_dropout(self, prob: float) -> None:
+        """FLIP's patch dropout (Li et al. 2023, arXiv 2212.00794; open_clip's ``force_patch_dropout``): in train
+        mode the image tower keeps a random ``1 - prob`` of the patch tokens of each image (at least one; the class
+        token always), in eval mode all of them. It is timm's ``PatchDropout``, put where timm's
+        ``VisionTransformer(patch_drop_rate=prob)`` puts it (after the position embedding, before the blocks). It
+        has no parameters and is not part of the config: weights trained with it load into a model without it.
+        ``prob = 0`` removes it.
+
+        Raises:
+            ValueError (``InputError``): ``prob`` outside [0, 1).
+        """
+        from timm.layers import PatchDropout
+
+        if not 0.0 <= prob < 1.0:
+            raise InputError(f"patch dropout must be in [0, 1) (the fraction of patch tokens dropped), got {prob}")
+        v = self.visual
+        v.patch_drop = PatchDropout(prob, num_prefix_tokens=v.num_prefix_tokens) if prob > 0 else nn.Identity()
+
+    @property
+    def patch_dropout(self) -> float:
+        """The patch dropout probability set by :meth:`set_patch_dropout` (0.0: none)."""
+        return float(getattr(self.visual.patch_drop, "prob", 0.0))
+
+    def lock_image_tower(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+        """LiT (Zhai et al. 2022): freezes the image tower and ``image_projection`` (``requires_grad = False``),
+        leaving the last ``unlocked_groups`` groups trainable, with open_clip's groups of ``VisionTransformer.lock``:
+        [patch embedding, class token, position embedding, pre-norm], each block but the last, [last block, final
+        norm], ``image_projection``. ``logit_scale`` stays trainable. ``freeze_bn_stats`` is accepted for open_clip's
+        signature; a ViT has no BatchNorm, so it changes nothing (as in open_clip's ViT).
+
+        Raises:
+            ValueError (``InputError``): a negative ``unlocked_groups``.
+        """
+        v = self.visual
+        head = ("blocks.", "norm.", "fc_norm.", "head.")
+        stem = [p for n, p in v.named_parameters() if not n.startswith(head)]
+        groups = [stem, *v.blocks[:-1], [v.blocks[-1], v.norm, v.fc_norm, v.head], self.image_projection]
+        _lock(groups, unlocked_groups, "unlocked_groups")
+
+    def lock_text_tower(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
+        """LiT's frozen text tower, as open_clip's ``lock_text_tower``: ``token_embedding``,
+        ``positional_embedding``, the blocks, ``ln_final`` and ``text_projection`` get ``requires_grad = False``,
+        except the last ``unlocked_layers`` of open_clip's groups: [embeddings], each block but the last, [last
+        block, ``ln_final``], ``text_projection``. ``logit_scale`` stays trainable.
+
+        Raises:
+            ValueError (``InputError``): a negative ``unlocked_layers``, or ``freeze_layer_norm=False`` (open_clip
+            does not support it either: LayerNorms are locked like every other weight).
+        """
+        if not freeze_layer_norm:
+            raise InputError("lock_text_tower(freeze_layer_norm=False) is not supported (nor by open_clip): "
+                             "LayerNorms are locked like the other weights")
+        blocks = self.transformer.resblocks
+        groups = [[self.token_embedding, self.positional_embedding], *blocks[:-1], [blocks[-1], self.ln_final],
+                  self.text_projection]
+        _lock(groups, unlocked_layers, "unlocked_layers")
+
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """(B, 3, H, W) float images, normalised with the config's mean/std -> (B, embed_dim) embeddings,
         L2-normalised along the last dimension when ``normalize``."""
@@ -191,6 +248,25 @@ class DiffCLIP(nn.Module, PyTorchModelHubMixin, library_name="diffclip", tags=["
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias
         return out
+
+
+def _parameters(group) -> list[nn.Parameter]:
+    """The parameters of a lock group: a parameter, a module, or a list of either."""
+    if isinstance(group, nn.Parameter):
+        return [group]
+    if isinstance(group, nn.Module):
+        return list(group.parameters())
+    return [p for g in group for p in _parameters(g)]
+
+
+def _lock(groups: list, unlocked: int, name: str) -> None:
+    """Sets ``requires_grad = False`` on every parameter of ``groups``, then True on the last ``unlocked`` groups."""
+    if unlocked < 0:
+        raise InputError(f"{name} must be >= 0 (the number of trailing groups left trainable), got {unlocked}")
+    for p in _parameters(groups):
+        p.requires_grad_(False)
+    for p in _parameters(groups[len(groups) - min(unlocked, len(groups)):]):
+        p.requires_grad_(True)
 
 
 #: config fields that are initial values only: not compared by :meth:`DiffCLIP.check_saved_config`

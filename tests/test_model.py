@@ -222,3 +222,33 @@ def test_activations_are_timms():
     assert type(model.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
     with pytest.raises(ValueError, match="act must be one of"):
         act_layer("relu")
+
+
+def test_vit_l_14_twins_on_the_meta_device():
+    """open_clip's ViT-L-14 shape (vision 1024 x 24 layers, 16 heads, patch 14, 224 px; text 768 x 12 layers, 12 heads;
+    embed 768) with the B/16 release's conventions; built without memory on the meta device."""
+    import open_clip
+
+    with torch.device("meta"):
+        n = {name: sum(p.numel() for p in create_model(name).parameters())
+             for name in ("DiffCLIP-ViT-L-14", "CLIP-ViT-L-14")}
+        model = create_model("DiffCLIP-ViT-L-14")
+        theirs = sum(p.numel() for p in open_clip.create_model("ViT-L-14", device="meta").parameters())
+    assert n == {"DiffCLIP-ViT-L-14": 427_629_313, "CLIP-ViT-L-14": 427_615_489}
+    # open_clip's ViT-L-14 has a pre-norm (2 x 1024) and no patch-conv bias (1024): our twin is 1,024 smaller
+    assert theirs == n["CLIP-ViT-L-14"] + 1024
+    # (24 + 12) layers x (4 lambda vectors of 64 + a 128 RMSNorm gain)
+    assert n["DiffCLIP-ViT-L-14"] - n["CLIP-ViT-L-14"] == 36 * (4 * 64 + 128)
+    assert model.visual.pos_embed.shape == (1, 257, 1024) and model.image_projection.shape == (1024, 768)
+    assert model.text_projection.shape == (768, 768) and len(model.visual.blocks) == 24
+    assert model.visual.blocks[0].attn.num_heads == 8 and model.transformer.resblocks[0].attn.num_heads == 6
+    diff, std = diffclip.get_model_config("DiffCLIP-ViT-L-14"), diffclip.get_model_config("CLIP-ViT-L-14")
+    b16 = diffclip.get_model_config("DiffCLIP-ViT-B-16")
+    for tower in ("vision_cfg", "text_cfg"):
+        assert diff[tower].pop("attn_type") == "diff" and std[tower].pop("attn_type") == "standard"
+        b16[tower].pop("attn_type")
+    assert diff == std
+    same = ("mlp_ratio", "lambda_init", "qkv_bias", "pre_norm", "patch_bias", "act", "context_length", "vocab_size")
+    for tower in ("vision_cfg", "text_cfg"):
+        assert {k: v for k, v in diff[tower].items() if k in same} == {k: v for k, v in b16[tower].items() if k in same}
+    assert diff["preprocess_cfg"] == b16["preprocess_cfg"]
