@@ -14,7 +14,11 @@ peak resident set (VmHWM) of a spawned child that builds the model and optimizer
 CPU has no allocator statistics; on CUDA ``torch.cuda.max_memory_allocated`` is used instead).
 
     nice python bench/train_step.py [--batch-b16 4] [--batch-tiny 32] [--reps 9] [--device cpu] [--skip-b16]
-        [--threads N] [--no-memory]
+        [--threads N] [--no-memory] [--force-patch-dropout 0.5]
+
+``--force-patch-dropout p`` also times every model with FLIP's patch dropout (ours: ``DiffCLIP.set_patch_dropout``,
+timm's ``PatchDropout``; open_clip: its own ``PatchDropout``, what ``open_clip.create_model(...,
+force_patch_dropout=p)`` installs), the same weights toggled between the two settings, and prints the ratio.
 
 Target: DiffCLIP's step time <= 1.05x open_clip's at the same batch (issue 3).
 """
@@ -22,6 +26,7 @@ Target: DiffCLIP's step time <= 1.05x open_clip's at the same batch (issue 3).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import resource
 import statistics
@@ -70,13 +75,54 @@ def make_optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.98), eps=1e-6)
 
 
-def train_step(model, optimizer, loss_fn, images, texts) -> None:
+def set_patch_dropout(model: torch.nn.Module, prob: float) -> None:
+    """FLIP's patch dropout on ours (timm's ``PatchDropout``) or on an open_clip CLIP (open_clip's own, as
+    ``create_model(..., force_patch_dropout=prob)`` installs it); 0 removes it."""
+    if isinstance(model, diffclip.DiffCLIP):
+        model.set_patch_dropout(prob)
+    else:
+        from open_clip.transformer import PatchDropout
+
+        model.visual.patch_dropout = PatchDropout(prob) if prob > 0 else torch.nn.Identity()
+
+
+def features(model, images, texts):
+    """L2-normalised image and text features and ``exp(logit_scale)`` through the model's ``forward`` (so that a
+    ``torch.compile``d model runs compiled): ours returns the release's dict, open_clip's CLIP a tuple."""
+    out = model(images, texts)
+    if isinstance(out, dict):
+        return F.normalize(out["image_embed"], dim=-1), F.normalize(out["text_embed"], dim=-1), out["logit_scale"]
+    return out[0], out[1], out[2]
+
+
+def train_step(model, optimizer, loss_fn, images, texts, autocast=None) -> None:
+    """zero_grad, forward (under ``autocast``, a ``torch.autocast`` context factory, when given), CLIP loss,
+    backward, optimizer step."""
     optimizer.zero_grad(set_to_none=True)
-    img = F.normalize(model.encode_image(images), dim=-1)
-    txt = F.normalize(model.encode_text(texts), dim=-1)
-    loss = loss_fn(img, txt, model.logit_scale.exp())
+    with autocast() if autocast is not None else contextlib.nullcontext():
+        loss = loss_fn(*features(model, images, texts))
     loss.backward()
     optimizer.step()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_interleaved(steps: dict, reps: int, device: str) -> dict[str, list[float]]:
+    """Seconds per call of each ``steps[name]()`` (no arguments), ``reps`` rounds, the order rotating each round so
+    that no candidate always follows the same one; the caller warms up."""
+    times = {k: [] for k in steps}
+    names = list(steps)
+    for r in range(reps):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            sync(device)
+            t = time.perf_counter()
+            steps[k]()
+            sync(device)
+            times[k].append(time.perf_counter() - t)
+    return times
 
 
 def _peak_rss_kib() -> int:
@@ -92,10 +138,11 @@ def _peak_rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def _child_peak(suite: str, name: str, batch: int, device: str, q) -> None:
+def _child_peak(suite: str, name: str, batch: int, device: str, patch_dropout: float, q) -> None:
     torch.manual_seed(0)
     s = SUITES[suite]
     model = s["models"][name]().to(device).train()
+    set_patch_dropout(model, patch_dropout)
     opt = make_optimizer(name, model)
     images, texts = make_inputs(batch, s["image_size"], s["ctx"], device)
     if device == "cuda":
@@ -109,17 +156,18 @@ def _child_peak(suite: str, name: str, batch: int, device: str, q) -> None:
     q.put((_peak_rss_kib() - base) / 1024)
 
 
-def peak_mib(suite: str, name: str, batch: int, device: str) -> float:
+def peak_mib(suite: str, name: str, batch: int, device: str, patch_dropout: float = 0.0) -> float:
     ctx = mp.get_context("spawn")  # a forked child of a process that ran OpenMP work can hang
     q = ctx.Queue()
-    p = ctx.Process(target=_child_peak, args=(suite, name, batch, device, q))
+    p = ctx.Process(target=_child_peak, args=(suite, name, batch, device, patch_dropout, q))
     p.start()
     out = q.get()
     p.join()
     return out
 
 
-def run_suite(suite: str, batch: int, reps: int, device: str, memory: bool) -> dict[str, float]:
+def run_suite(suite: str, batch: int, reps: int, device: str, memory: bool,
+              patch_dropout: float = 0.0) -> dict[str, float]:
     s = SUITES[suite]
     torch.manual_seed(0)
     models = {k: f().to(device).train() for k, f in s["models"].items()}
@@ -127,31 +175,34 @@ def run_suite(suite: str, batch: int, reps: int, device: str, memory: bool) -> d
     n_params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     images, texts = make_inputs(batch, s["image_size"], s["ctx"], device)
     loss_fn = ClipLoss()
-    for k in models:  # warm-up (allocates the AdamW state)
-        train_step(models[k], opts[k], loss_fn, images, texts)
-    times = {k: [] for k in models}
-    names = list(models)
-    for r in range(reps):  # the order rotates each round: no model always follows the same one
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            train_step(models[k], opts[k], loss_fn, images, texts)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times[k].append(time.perf_counter() - t)
+    # candidates: (model, patch dropout); with --force-patch-dropout each model runs both ways, its weights shared
+    cands = {k: (k, 0.0) for k in models}
+    if patch_dropout:
+        cands.update({f"{k} + patch dropout {patch_dropout:g}": (k, patch_dropout) for k in models})
+
+    def stepper(model, opt, p: float):
+        def run():
+            set_patch_dropout(model, p)
+            train_step(model, opt, loss_fn, images, texts)
+        return run
+
+    steps = {c: stepper(models[k], opts[k], p) for c, (k, p) in cands.items()}
+    for run in steps.values():  # warm-up (allocates the AdamW state)
+        run()
+    times = time_interleaved(steps, reps, device)
     med = {k: statistics.median(v) for k, v in times.items()}
-    del models, opts
+    del models, opts, steps
     ref = next(k for k in med if k.startswith("open_clip"))
     ours = next(iter(med))
     print(f"\n{suite}: batch {batch}, {s['image_size']} px, context {s['ctx']}; median of {reps} interleaved steps")
     print("| model | parameters | step s (median) | min..max | samples/s | peak MiB | vs open_clip |")
     print("|---|---|---|---|---|---|---|")
     for k, t in med.items():
-        mem = f"{peak_mib(suite, k, batch, device):.0f}" if memory else "-"
-        print(f"| {k} | {n_params[k]:,} | {t:.3f} | {min(times[k]):.3f}..{max(times[k]):.3f} | {batch / t:.1f} | "
+        name, p = cands[k]
+        mem = f"{peak_mib(suite, name, batch, device, p):.0f}" if memory else "-"
+        print(f"| {k} | {n_params[name]:,} | {t:.3f} | {min(times[k]):.3f}..{max(times[k]):.3f} | {batch / t:.1f} | "
               f"{mem} | {t / med[ref]:.3f}x |")
-    twin = [k for k in med if k not in (ours, ref)][0]
+    twin = [k for k in models_of(cands) if k not in (ours, ref)][0]
     best = {k: min(v) for k, v in times.items()}
 
     def paired(a: str, b: str) -> float:  # median over rounds of the ratio within a round (robust to drift)
@@ -160,7 +211,19 @@ def run_suite(suite: str, batch: int, reps: int, device: str, memory: bool) -> d
     print(f"{ours} / {ref} = {med[ours] / med[ref]:.3f} (medians; paired by round: {paired(ours, ref):.3f}; fastest "
           f"steps: {best[ours] / best[ref]:.3f}; target <= 1.05); {ours} / {twin} = {med[ours] / med[twin]:.3f} "
           f"(paired: {paired(ours, twin):.3f}; fastest: {best[ours] / best[twin]:.3f})")
+    for c, (k, p) in cands.items():
+        if p:
+            print(f"{k}: patch dropout {p:g} / none = {med[c] / med[k]:.3f} (paired: {paired(c, k):.3f})")
+    if patch_dropout:
+        pd = {k: c for c, (k, p) in cands.items() if p}
+        print(f"with patch dropout {patch_dropout:g}: {ours} / {ref} = {med[pd[ours]] / med[pd[ref]]:.3f} "
+              f"(paired: {paired(pd[ours], pd[ref]):.3f})")
     return med
+
+
+def models_of(cands: dict) -> list[str]:
+    """The model names of the candidates, in order, each once."""
+    return list(dict.fromkeys(k for k, _ in cands.values()))
 
 
 def main() -> None:
@@ -172,14 +235,16 @@ def main() -> None:
     ap.add_argument("--skip-b16", action="store_true", help="only the tiny suite")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--force-patch-dropout", type=float, default=0.0,
+                    help="also time each model with this patch dropout (FLIP), e.g. 0.5")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, open_clip {open_clip.__version__}, device {args.device}, "
           f"threads {torch.get_num_threads()}")
     if not args.skip_b16:
-        run_suite("ViT-B/16", args.batch_b16, args.reps, args.device, not args.no_memory)
-    run_suite("Tiny-64", args.batch_tiny, args.reps, args.device, not args.no_memory)
+        run_suite("ViT-B/16", args.batch_b16, args.reps, args.device, not args.no_memory, args.force_patch_dropout)
+    run_suite("Tiny-64", args.batch_tiny, args.reps, args.device, not args.no_memory, args.force_patch_dropout)
 
 
 if __name__ == "__main__":

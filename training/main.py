@@ -388,6 +388,12 @@ def _train(args, info: DistInfo, run_dir: Path, progress: dict) -> int:
     model.train()
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if args.force_patch_dropout:
+        model.set_patch_dropout(args.force_patch_dropout)
+    if args.lock_image:  # before the optimizer: param_groups leaves out what does not train
+        model.lock_image_tower(args.lock_image_unlocked_groups, freeze_bn_stats=args.lock_image_freeze_bn_stats)
+    if args.lock_text:
+        model.lock_text_tower(args.lock_text_unlocked_layers)
     model = cast_model(model.to(info.device), args.precision)
     input_dtype = get_input_dtype(args.precision) or torch.float32
     optimizer = torch.optim.AdamW(param_groups(model, args.wd), lr=args.lr,
@@ -426,7 +432,8 @@ def _train(args, info: DistInfo, run_dir: Path, progress: dict) -> int:
                                     resume_step=resume_from[1]["step"] if resume_from[1] is not None else None)
 
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("%s: %s parameters", args.model, f"{n_params:,}")
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("%s: %s parameters (%s trained)", args.model, f"{n_params:,}", f"{n_train:,}")
     if args.siglip:
         loss_fn = SigLipLoss(rank=info.rank, world_size=info.world_size)
         val_loss_fn = SigLipLoss()
@@ -442,7 +449,8 @@ def _train(args, info: DistInfo, run_dir: Path, progress: dict) -> int:
     ddp_model = model
     if info.distributed:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.device] if info.device.type == "cuda" else None)
+            model, device_ids=[info.device] if info.device.type == "cuda" else None,
+            static_graph=args.ddp_static_graph)
     if args.torchcompile:
         log.info("compiling the model with torch.compile")
         ddp_model = torch.compile(ddp_model)

@@ -22,6 +22,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
     g.add_argument("--torchcompile", action="store_true", help="torch.compile the model")
     g.add_argument("--siglip", action="store_true", help="sigmoid loss (SigLIP) instead of the softmax CLIP loss")
+    g.add_argument("--force-patch-dropout", type=unit_interval, default=0.0, help="FLIP: drop this fraction of the "
+                   "image patch tokens in training (all kept at evaluation), e.g. 0.5")
+    g.add_argument("--lock-image", action="store_true", help="LiT: freeze the image tower and image_projection")
+    g.add_argument("--lock-image-unlocked-groups", type=nonneg_int, default=0, help="with --lock-image: leave the "
+                   "last n layer groups trainable (open_clip's groups)")
+    g.add_argument("--lock-image-freeze-bn-stats", action="store_true", help="open_clip's flag; a ViT has no "
+                   "BatchNorm, so it changes nothing here")
+    g.add_argument("--lock-text", action="store_true", help="LiT: freeze the text tower and text_projection")
+    g.add_argument("--lock-text-unlocked-layers", type=nonneg_int, default=0, help="with --lock-text: leave the "
+                   "last n layer groups trainable (open_clip's groups)")
+    g.add_argument("--ddp-static-graph", action="store_true", help="DistributedDataParallel(static_graph=True)")
 
     g = p.add_argument_group("data")
     g.add_argument("--train-data", default=None, help="training shards: brace expansion, '::' joins sources, "
@@ -96,6 +107,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--siglip always gathers the texts with gradients; drop --local-loss / --gather-with-grad")
     if args.pretrained is not None and not args.pretrained.strip():
         parser.error("--pretrained: expected a release tag, hf-hub:org/repo, a directory or a file, got ''")
+    if args.lock_image_unlocked_groups and not args.lock_image:
+        parser.error("--lock-image-unlocked-groups needs --lock-image")
+    if args.lock_text_unlocked_layers and not args.lock_text:
+        parser.error("--lock-text-unlocked-layers needs --lock-text")
     if args.name is not None and ("/" in args.name or args.name in ("", ".", "..")):
         parser.error(f"--name must be a plain folder name, got {args.name!r}")
     return args
