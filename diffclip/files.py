@@ -27,14 +27,21 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def _disk_full(exc: BaseException | None) -> OSError | None:
-    """The ENOSPC/EDQUOT error behind ``exc``: itself or one it was raised from or during (torch's
-    ``inline_container.cc ... unexpected pos`` RuntimeError is raised while the file's OSError is handled)."""
+def full_disk_error(exc: BaseException, path: str | os.PathLike) -> OSError | None:
+    """``OSError(ENOSPC, "PATH: no space left on device")`` when ``exc`` comes from a full disk or quota (ENOSPC,
+    EDQUOT): itself, an error it was raised from or while handling (torch's ``inline_container.cc ... unexpected
+    pos`` RuntimeError), or a wrapper that kept only the system's text (safetensors' ``SafetensorError``); None
+    otherwise. For writers that keep their own temporaries; :func:`atomic_write` does this itself."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return exc
+        code = exc.errno if isinstance(exc, OSError) else None
+        if code not in (errno.ENOSPC, errno.EDQUOT):
+            text = str(exc)
+            code = next((c for c in (errno.ENOSPC, errno.EDQUOT) if os.strerror(c) in text), None)
+        if code is not None:
+            quota = " (disk quota exceeded)" if code == errno.EDQUOT else ""
+            return OSError(errno.ENOSPC, f"{path}: no space left on device{quota}")
         exc = exc.__cause__ or exc.__context__
     return None
 
@@ -79,11 +86,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
         if tmp is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-        full = _disk_full(e)
+        full = full_disk_error(e, path)
         if full is None:
             raise
-        quota = " (disk quota exceeded)" if full.errno == errno.EDQUOT else ""
-        raise OSError(errno.ENOSPC, f"{path}: no space left on device{quota}") from None
+        raise full from None
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

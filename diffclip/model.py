@@ -24,7 +24,7 @@ from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from torch import nn
 
 from .errors import InputError, WeightsMismatchError
-from .files import _umask_mode
+from .files import _umask_mode, full_disk_error
 from .text import Transformer
 from .vision import vision_tower
 
@@ -130,6 +130,11 @@ class DiffCLIP(nn.Module, PyTorchModelHubMixin, library_name="diffclip", tags=["
             for f in sorted(tmp.iterdir()):
                 os.chmod(f, _umask_mode())  # safetensors writes 0600; as every other new file (0644)
                 os.replace(f, target / f.name)
+        except Exception as e:  # a full disk: one OSError naming the folder, not safetensors' own error type
+            full = full_disk_error(e, target)
+            if full is None:
+                raise
+            raise full from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return result

@@ -40,12 +40,14 @@ def test_full_disk_is_one_error_naming_the_file_and_leaves_no_temporary(tmp_path
     script = textwrap.dedent("""
         import errno, json, os, sys
         import torch
+        from diffclip import create_model
         from diffclip.files import save_torch, write_json, write_text
         disk = sys.argv[1]
         out = {}
         for name, write in [("ck.pt", lambda p: save_torch(p, {"w": torch.zeros(100_000)})),
                             ("r.json", lambda p: write_json(p, list(range(100_000)))),
-                            ("t.txt", lambda p: write_text(p, "x" * 200_000))]:
+                            ("t.txt", lambda p: write_text(p, "x" * 200_000)),
+                            ("final_model", lambda p: create_model("DiffCLIP-Tiny-64").save_pretrained(p))]:
             try:
                 write(os.path.join(disk, name))
                 out[name] = None
@@ -58,7 +60,7 @@ def test_full_disk_is_one_error_naming_the_file_and_leaves_no_temporary(tmp_path
     out = json.loads(r.stdout.splitlines()[0])
     assert left == []
     for name, (kind, code, message) in out.items():
-        assert kind == "OSError" and code == 28, (name, kind, message)  # ENOSPC, not torch's RuntimeError
+        assert kind == "OSError" and code == 28, (name, kind, message)  # not torch's RuntimeError, safetensors' error
         assert str(tmp_path / "disk" / name) in message and "no space left on device" in message, message
         assert "\n" not in message and "inline_container" not in message
 
