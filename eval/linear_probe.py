@@ -53,7 +53,15 @@ from diffclip.eval.common import (
     result_record,
     weights_fingerprint,
 )
-from diffclip.eval.protocols import MEAN_PER_CLASS_DATASETS, fewshot, paper_linear_probe
+from diffclip.eval.protocols import (
+    MEAN_PER_CLASS_DATASETS,
+    OFFICIAL_VAL_DATASETS,
+    SOLVERS,
+    fewshot,
+    paper_linear_probe,
+    tfds_order,
+    train_val_split,
+)
 from diffclip.eval.runner import program_parser, run_program, write_record, write_records
 
 from diffclip.cli import UsageError, positive_float, positive_int, run, unit_interval
@@ -92,14 +100,17 @@ def _save_npz_atomic(path: Path, **arrays) -> None:
 def features(model, preprocess, dataset_name: str, root, split: str, *, model_name: str, pretrained: str | None,
              device, precision: str = "fp32", batch_size: int = 64, workers: int = 0, max_samples: int | None = None,
              cache_dir: str | os.PathLike | None = None, progress: bool = True,
-             download: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """``(features (N, D) float32, labels (N,) int64, classnames)`` of one split, from the cache when present."""
+             download: bool = False, pooled: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``(features (N, D) float32, labels (N,) int64, classnames)`` of one split, from the cache when present:
+    L2-normalised image embeddings, or with ``pooled`` the image tower's pooled output before the projection, not
+    normalised (what lgssl's ``extract_features`` takes from a CLIP model: its visual backbone)."""
     dataset = readers.build_dataset(dataset_name, root, split, None, download=download)
     path = None
     if cache_dir is not None:
         key = cache_key(model=model_name, weights=weights_fingerprint(model, pretrained), dataset=dataset.name,
                         split=split, root=str(readers.resolve_root(dataset_name, root).resolve()),
-                        n=len(dataset), max_samples=max_samples, precision=precision, preprocess=repr(preprocess))
+                        n=len(dataset), max_samples=max_samples, precision=precision, preprocess=repr(preprocess),
+                        **({"features": "pooled"} if pooled else {}))
         path = Path(cache_dir).expanduser() / f"{dataset.name.replace('/', '_')}_{split}_{key}.npz"
         if path.is_file():
             with np.load(path, allow_pickle=False) as z:
@@ -107,8 +118,10 @@ def features(model, preprocess, dataset_name: str, root, split: str, *, model_na
                 return z["x"], z["y"], dataset.classnames
     dataset = limit(readers.set_transform(dataset, model_transform(preprocess, precision)), max_samples)
     t0 = time.perf_counter()
-    x, y = extract_image_features(model, make_loader(dataset, batch_size, workers, device), device,
-                                  get_autocast(precision, device.type), progress, desc=f"{dataset.name}/{split}")
+    encoder = argparse.Namespace(encode_image=model.visual) if pooled else model
+    x, y = extract_image_features(encoder, make_loader(dataset, batch_size, workers, device), device,
+                                  get_autocast(precision, device.type), progress, desc=f"{dataset.name}/{split}",
+                                  normalize=not pooled)
     log.info("%s/%s: %d features in %.1fs", dataset.name, split, len(y), time.perf_counter() - t0)
     x, y = x.numpy().astype(np.float32), y.numpy().astype(np.int64)
     if path is not None:
@@ -228,34 +241,46 @@ def evaluate_dataset(model, preprocess, dataset_name: str, root, *, model_name: 
                      train_split: str | None = None, test_split: str | None = None, fewshot_k: int | None = None,
                      seeds=None, val_proportion: float = 0.2, C: float | None = None, max_iter: int = 1000,
                      cache_dir=None, progress: bool = True, download: bool = False, protocol: str = "clip_benchmark",
-                     episodes: int = 5000) -> dict:
+                     episodes: int = 5000, solver: str = "lgssl") -> dict:
     """One CLIP_benchmark record: features of the train and test splits (cached), then the full or k-shot probe."""
     default_train, default_test = default_splits(dataset_name)
+    name = readers.dataset_spec(dataset_name).name
+    official_val = protocol == "paper" and name in OFFICIAL_VAL_DATASETS
+    default_train = "train" if official_val else default_train  # lgssl: the official train / val splits
     train_split, test_split = train_split or default_train, test_split or default_test
     seeds = list(seeds or ([0, 1, 2] if fewshot_k else [0]))
     common = dict(model_name=model_name, pretrained=pretrained, device=device, precision=precision,
-                  batch_size=batch_size, workers=workers, cache_dir=cache_dir, progress=progress, download=download)
+                  batch_size=batch_size, workers=workers, cache_dir=cache_dir, progress=progress, download=download,
+                  pooled=protocol == "paper")
     x_tr, y_tr, classnames = features(model, preprocess, dataset_name, root, train_split,
                                       max_samples=max_train_samples or max_samples, **common)
     x_te, y_te, _ = features(model, preprocess, dataset_name, root, test_split, max_samples=max_samples, **common)
     n_classes = max(len(classnames), int(y_tr.max()) + 1, int(y_te.max()) + 1)
-    name = readers.dataset_spec(dataset_name).name
     display, data_root = readers.display_name(dataset_name, root), str(readers.resolve_root(dataset_name, root))
     t0 = time.perf_counter()
     if protocol == "paper":
         mpc = name in MEAN_PER_CLASS_DATASETS
-        value, info = paper_linear_probe(x_tr, y_tr, x_te, y_te, mean_per_class=mpc, max_iter=max_iter)
-        fs = fewshot(x_tr, y_tr, x_te, y_te, episodes=episodes, seed=seeds[0])
+        if official_val:
+            x_val, y_val, _ = features(model, preprocess, dataset_name, root, "val",
+                                       max_samples=max_train_samples or max_samples, **common)
+        else:  # lgssl: train[:80%] / train[80%:] in TFDS's hash order (here of the reader's indices)
+            order = tfds_order(range(len(y_tr)))
+            tr, va = (order[i] for i in train_val_split(len(y_tr)))
+            x_tr, y_tr, x_val, y_val = x_tr[tr], y_tr[tr], x_tr[va], y_tr[va]
+        value, info = paper_linear_probe(x_tr, y_tr, x_te, y_te, x_val=x_val, y_val=y_val, mean_per_class=mpc,
+                                         solver=solver, max_iter=max_iter)
+        info["val_split"] = "val" if official_val else f"{train_split}[80%:] in tfds_order of the indices"
+        fs = fewshot(x_tr, y_tr, x_te, y_te, episodes=episodes, seed=seeds[0])  # support from the training part
         metrics = {"lp_mean_per_class_recall" if mpc else "lp_acc1": value, "fewshot_acc": fs["fewshot_acc"],
                    "fewshot_acc_std": fs["fewshot_acc_std"], "C": info["C"], "max_iter": max_iter,
                    "episodes": episodes, "n_way": fs["n_way"], "n_shot": fs["n_shot"], "n_query": fs["n_query"],
-                   "seed": seeds[0], "normalized": True}
+                   "seed": seeds[0], "normalized": False, "features": "pooled", "solver": solver}
         log.info("%s: %s (paper protocol, %.1fs)", name, json.dumps(metrics), time.perf_counter() - t0)
         correct = info.pop("test_correct")
         per_sample = {"fewshot_acc": fs["episode_acc"], **({} if mpc else {"lp_acc1": correct})}
         return result_record(display, model_name, pretrained, TASK, metrics, root=data_root, protocol="paper",
                              paper_metric="mean_per_class" if mpc else "acc1",
-                             splits={"train": train_split, "test": test_split}, probe=info,
+                             splits={"train": train_split, "val": info["val_split"], "test": test_split}, probe=info,
                              per_sample=per_sample)  # per-sample / per-episode outcomes, for a bootstrap
     if fewshot_k:
         metrics, per_seed = fewshot_probe(x_tr, y_tr, x_te, y_te, n_classes, fewshot_k, tuple(seeds), max_iter, C)
@@ -277,6 +302,9 @@ def add_probe_args(p: argparse.ArgumentParser) -> None:
                    help="clip_benchmark: CLIP_benchmark's probe (and k-shot with --fewshot-k); paper: the DiffCLIP "
                         "paper's linear probe and few-shot episodes (El Banani et al. 2023)")
     p.add_argument("--episodes", type=positive_int, default=5000, help="few-shot episodes (--protocol paper)")
+    p.add_argument("--solver", choices=SOLVERS, default="lgssl",
+                   help="--protocol paper's probe: lgssl (its torch L-BFGS, the default) or sklearn (scikit-learn's "
+                        "L-BFGS in float64, lgssl's use_sklearn path)")
     p.add_argument("--train-split", default=None, help="default: train (trainval for pets, flowers102, dtd, "
                                                        "fgvc-aircraft)")
     p.add_argument("--test-split", default=None, help="default: the dataset's evaluation split")
@@ -345,7 +373,7 @@ def _evaluate(model, preprocess, tokenizer, names: list[str], args: argparse.Nam
                              val_proportion=args.val_proportion, C=args.C, max_iter=args.max_iter,
                              cache_dir=None if args.no_cache else args.feature_cache,
                              progress=not args.no_progress, download=args.download, protocol=args.protocol,
-                             episodes=args.episodes) for n in names]
+                             episodes=args.episodes, solver=args.solver) for n in names]
 
 
 def _write(args: argparse.Namespace, records: list[dict]) -> None:

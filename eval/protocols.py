@@ -40,6 +40,7 @@ episodes. lgssl reports the mean and the standard deviation (n-1) of the episode
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import warnings
@@ -66,6 +67,21 @@ def train_val_split(n: int, train_percent: int = 80) -> tuple[np.ndarray, np.nda
     arrays (int64)."""
     cut = int(round(n * train_percent / 100))
     return np.arange(cut), np.arange(cut, n)
+
+
+def tfds_order(keys, split: str = "train") -> np.ndarray:
+    """TFDS's write order of a split's examples: ascending md5 of the split name (the salt) followed by the
+    example's key (TFDS's ``core/hashing.py``; str keys utf-8, others via ``str``). Returns the argsort (int64).
+    With TFDS's own keys this is TFDS's order; with other keys (the reader's indices) it is an order of the same
+    kind: deterministic and blind to the class."""
+    salted = hashlib.md5(split.encode())
+
+    def key_hash(key) -> int:
+        h = salted.copy()
+        h.update(str(key).replace("\\", "/").encode())
+        return int(h.hexdigest(), 16)
+
+    return np.array(sorted(range(len(keys)), key=lambda i: key_hash(keys[i])), dtype=np.int64)
 
 
 def lgssl_accuracy(proba: torch.Tensor, y, num_classes: int, mean_per_class: bool) -> float:

@@ -158,13 +158,16 @@ def test_linear_probe_paper_protocol_cli(tmp_path):
     out = tmp_path / "lp.json"
     r = subprocess.run([sys.executable, str(ROOT / "eval" / "linear_probe.py"), "--model", "DiffCLIP-Tiny-64",
                         "--dataset", "folder", "--data-root", str(tmp_path / "digits"), "--protocol", "paper",
-                        "--episodes", "500", "--workers", "0", "--no-cache", "--no-progress", "--output", str(out)],
+                        "--episodes", "500", "--max-iter", "100", "--workers", "0", "--no-cache", "--no-progress", "--output", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     (rec,) = read_records(out)  # the record file and its sidecar (root, protocol, ...)
     assert rec["protocol"] == "paper" and rec["paper_metric"] == "acc1" and rec["task"] == "linear_probe"
     m = rec["metrics"]
     assert 0.1 < m["lp_acc1"] <= 1 and 0.2 < m["fewshot_acc"] <= 1 and m["episodes"] == 500 and m["C"] > 0
+    assert m["solver"] == "lgssl" and m["features"] == "pooled" and not m["normalized"]
+    # lgssl's split: the last 20 % of the class-sorted folder in TFDS-style hash order, every class on both sides
+    assert rec["probe"]["n_train"] == 480 and rec["probe"]["n_val"] == 120 and rec["splits"]["val"].startswith("train")
     # a folder without train/ and test/ sub-folders is refused: the probe would be scored on its training images
     r = subprocess.run([sys.executable, str(ROOT / "eval" / "linear_probe.py"), "--model", "DiffCLIP-Tiny-64",
                         "--dataset", "folder", "--data-root", str(tmp_path / "digits" / "train"), "--protocol",
