@@ -15,6 +15,7 @@ from the newest at the exact step), ``tensorboard/`` and ``final_model/`` (``con
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 import time
@@ -333,7 +334,12 @@ def train(args) -> int:
                 import shutil
 
                 _logging(info, None)
-                shutil.rmtree(made, ignore_errors=True)
+                shutil.rmtree(run_dir, ignore_errors=True)
+                for parent in run_dir.parents:  # the --logs folders it made, while empty (another run may use them)
+                    if not parent.is_relative_to(made):
+                        break
+                    with contextlib.suppress(OSError):
+                        parent.rmdir()
         raise
     finally:
         if lock is not None:
