@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from diffclip.eval.runner import RECORD_KEYS, details_path
 from diffclip.training.study import check_flags, load_study, plan, to_flags
 from diffclip.training.study_report import paired_bootstrap, paired_test
 from PIL import Image
@@ -133,6 +134,8 @@ def test_study_killed_and_rerun_finishes_without_redoing(study_file):
     assert diff["seeds"] == [0, 1] and diff["vs_baseline"]["n"] == 2
     boot = diff["vs_baseline"]["bootstrap"]  # retrieval writes per-caption outcomes: a bootstrap over captions
     assert boot["n_samples"] == 48 and boot["ci_low"] <= diff["vs_baseline"]["delta"] <= boot["ci_high"]
+    record = out / "results" / "DiffCLIP-Tiny-64" / "seed0" / "ret_digits.json"  # the outcomes: in the sidecar
+    assert tuple(json.loads(record.read_text())) == RECORD_KEYS and details_path(record).is_file()
     for model, cell in row["models"].items():  # every number comes from the result files
         vals = [json.loads((out / "results" / model / f"seed{s}" / "ret_digits.json").read_text())["metrics"]
                 ["image_retrieval_recall@5"] for s in (0, 1)]
