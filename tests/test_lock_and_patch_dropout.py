@@ -130,3 +130,25 @@ def test_lock_groups_are_open_clips():
             m.requires_grad_(True)
             m.lock_text_tower(unlocked_layers=n)
         assert _trainable(ours) == _trainable(theirs), n
+
+
+def test_trainer_flags_lock_and_drop(tmp_path):
+    """training/main.py --lock-image --force-patch-dropout 0.5 from saved weights: the image tower and its
+    projection come out as they went in, the text tower trained."""
+    from safetensors.torch import load_file
+    from train_helpers import MODEL, _write_sources, main_in_process
+
+    shards, _ = _write_sources(tmp_path)
+    torch.manual_seed(1)
+    create_model(MODEL).save_pretrained(tmp_path / "init")
+    code, err = main_in_process("--model", MODEL, "--pretrained", str(tmp_path / "init"), "--train-data", str(shards),
+                                "--batch-size", "8", "--train-num-samples", "16", "--epochs", "1", "--warmup", "1",
+                                "--lr", "1e-3", "--precision", "fp32", "--workers", "0", "--logs", str(tmp_path),
+                                "--name", "lit", "--save-frequency", "0", "--lock-image", "--force-patch-dropout", "0.5")
+    assert code == 0, err
+    assert "parameters (" in err and " trained)" in err
+    before = load_file(tmp_path / "init" / "model.safetensors")
+    after = load_file(tmp_path / "lit" / "final_model" / "model.safetensors")
+    image = [k for k in before if k.startswith("visual.") or k == "image_projection"]
+    assert image and all(torch.equal(before[k], after[k]) for k in image)
+    assert not torch.equal(before["text_projection"], after["text_projection"])
