@@ -63,11 +63,12 @@ def settings(quick: bool, device: str) -> dict:
     if quick:
         return dict(attn_batch=2, attn_shapes={"toy (N=17, C=64, 4 heads)": (17, 64, 4)}, suite="Tiny-64",
                     step_batch=4, compile_backend="eager", run_model="DiffCLIP-Tiny-64", run_batch=4, run_steps=3,
-                    run_image=32, run_precision="amp_bf16", dist_backend="gloo" if device == "cpu" else "nccl")
+                    run_image=32, run_workers=2, run_precision="amp_bf16",
+                    dist_backend="gloo" if device == "cpu" else "nccl")
     return dict(attn_batch=64, attn_shapes={"ViT-B/16 (N=197, C=768, 12 heads)": (197, 768, 12),
                                             "ViT-L/14 (N=257, C=1024, 16 heads)": (257, 1024, 16)},
                 suite="ViT-B/16", step_batch=128, compile_backend="inductor", run_model="DiffCLIP-ViT-B-16",
-                run_batch=128, run_steps=12, run_image=64, run_precision="amp_bf16",
+                run_batch=128, run_steps=16, run_image=64, run_workers=8, run_precision="amp_bf16",
                 dist_backend="gloo" if device == "cpu" else "nccl")
 
 
@@ -108,7 +109,8 @@ def bench_attention(s: dict, reps: int, device: str) -> list[dict]:
     return rows
 
 
-def bench_train_step(s: dict, reps: int, device: str, compile_: bool) -> list[dict]:
+def bench_train_step(s: dict, reps: int, device: str, compile_: bool):
+    """Yields the rows of the eager pass, then those of the compiled pass."""
     suite = SUITES[s["suite"]]
     names = [k for k in suite["models"] if "(ours)" not in k]  # DiffCLIP and open_clip's model (not our twin)
     images, texts = make_inputs(s["step_batch"], suite["image_size"], suite["ctx"], device)
@@ -122,9 +124,8 @@ def bench_train_step(s: dict, reps: int, device: str, compile_: bool) -> list[di
             m = copy.deepcopy(model) if p else model
             set_patch_dropout(m, p)
             variants[(k, p)] = m, make_optimizer(k, m)
-    rows = []
     for compiled in (False, True) if compile_ else (False,):
-        steps = {}
+        rows, steps = [], {}
         for key, (model, opt) in variants.items():
             # compiled: a graph per sequence length, hence a model per patch-dropout setting
             fwd = torch.compile(model, backend=s["compile_backend"]) if compiled else model
@@ -144,10 +145,10 @@ def bench_train_step(s: dict, reps: int, device: str, compile_: bool) -> list[di
                              compiled=compiled, patch_dropout=p, step_s=med, samples_per_s=s["step_batch"] / med,
                              peak_mib=peak_mib(fn, device), warmup_s=warm))
         del steps
-    return rows
+        yield rows
 
 
-def write_synthetic_shards(out: Path, n: int, size: int) -> Path:
+def write_synthetic_shards(out: Path, n: int, size: int, n_shards: int) -> Path:
     """``n`` synthetic images (smooth colour fields with noise) and captions naming their colour, as webdataset
     shards in the img2dataset layout (``training/make_shards.py``'s writer)."""
     from diffclip.training.make_shards import write_shards
@@ -166,18 +167,18 @@ def write_synthetic_shards(out: Path, n: int, size: int) -> Path:
         Image.fromarray(pixels).save(path)
         records.append(Record(str(path), f"a synthetic {name} picture, number {i}"))
     shards = out / "shards"
-    write_shards(records, shards, samples_per_shard=max(1, n // 4), progress=False)
+    write_shards(records, shards, samples_per_shard=max(1, n // n_shards), progress=False)
     return shards
 
 
 def bench_torchrun(s: dict, device: str, workdir: Path) -> list[dict]:
     n = s["run_batch"] * s["run_steps"]
-    shards = write_synthetic_shards(workdir, n, s["run_image"])
+    shards = write_synthetic_shards(workdir, n, s["run_image"], n_shards=2 * s["run_workers"])
     logs = workdir / "logs"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
            str(ROOT / "training" / "main.py"), "--model", s["run_model"], "--train-data", str(shards),
            "--train-num-samples", str(n), "--batch-size", str(s["run_batch"]), "--epochs", "1", "--warmup", "1",
-           "--precision", s["run_precision"], "--workers", "2", "--device", device.split(":")[0],
+           "--precision", s["run_precision"], "--workers", str(s["run_workers"]), "--device", device.split(":")[0],
            "--dist-backend", s["dist_backend"], "--logs-dir", str(logs), "--name", "run", "--log-every-n-steps", "1",
            "--save-frequency", "0", "--zeroshot-frequency", "0", "--no-export"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -243,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{name}: torch {torch.__version__}, timm {timm.__version__}, open_clip {open_clip.__version__}; "
           f"median of {reps} interleaved repetitions{' (quick: toy sizes)' if args.quick else ''}", flush=True)
     rows, seconds = [], {}
+
+    def save() -> None:  # after each part: what was measured survives a later part's failure or a time limit
+        write_text(args.out, json.dumps({**meta, "seconds": seconds, "rows": rows}, indent=1) + "\n")
+
     for part in PARTS:
         if part in skip:
             continue
@@ -250,14 +255,16 @@ def main(argv: list[str] | None = None) -> int:
         if part == "attention":
             rows += bench_attention(s, reps, args.device)
         elif part == "train_step":
-            rows += bench_train_step(s, reps, args.device, not args.no_compile)
+            for chunk in bench_train_step(s, reps, args.device, not args.no_compile):
+                rows += chunk
+                save()
         else:
             with tempfile.TemporaryDirectory(prefix="bench_gpu.") as tmp:
                 rows += bench_torchrun(s, args.device, Path(tmp))
         seconds[part] = time.perf_counter() - t0
+        save()
         print(f"{part}: {seconds[part]:.0f} s", flush=True)
     table = markdown(rows)
-    write_text(args.out, json.dumps({**meta, "seconds": seconds, "rows": rows}, indent=1) + "\n")
     print(table)
     print(f"wrote {args.out}")
     return 0
