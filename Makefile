@@ -6,6 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch/torchvision pinned to the builds this platform serves from disk
 TORCH := torch==2.14.1 torchvision==0.29.1
+# Debian's real datasets the tests read (make test-data)
+TEST_DEBS := dataset-fashion-mnist openclipart-png openclipart-svg
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(TEST_DEBS) >/dev/null 2>&1
 
 .PHONY: venv constraints test test-data lint demo study bench clean
 
@@ -36,9 +39,13 @@ constraints: venv
 lint: venv
 	$(VENV)/bin/ruff check diffclip training eval bench tests scripts
 
-# the emoji sets (npm registry) let the emoji tests run on real files; without them those tests skip
+# the real data the tests read: the emoji sets (npm registry), and Debian's Fashion-MNIST and Openclipart
+# (installed when missing and apt-get can run as root; Fashion-MNIST is required, the rest optional)
 test-data:
 	-OPENCLIPART=0 scripts/get_demo_data.sh data/sources
+	@test -d /usr/share/datasets/fashion-mnist -a -d /usr/share/openclipart || { [ "$$(id -u)" = 0 ] && \
+	  { $(APT_INSTALL) || { apt-get update -qq >/dev/null 2>&1; $(APT_INSTALL); }; }; } \
+	  || echo "make test-data: could not apt-get install $(TEST_DEBS) (Fashion-MNIST tests will fail)" >&2
 
 test: lint test-data
 	$(PY) -m pytest -q tests
