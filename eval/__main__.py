@@ -24,6 +24,7 @@ PROGRAMS = {
     "report": "the paper's tables and figures from result files",
     "visualize": "attention maps",
     "cka": "layer-wise CKA similarity of two models",
+    "clip_benchmark": "CLIP_benchmark's own command line with diffclip models (model type 'diffclip')",
 }
 
 

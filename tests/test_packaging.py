@@ -75,12 +75,14 @@ def test_wheel_has_one_top_level_package_and_the_console_scripts(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"diffclip"}, top
-    for module in ("diffclip/training/main.py", "diffclip/training/make_shards.py", "diffclip/eval/__main__.py",
+    for module in ("diffclip/training/main.py", "diffclip/training/make_shards.py", "diffclip/training/finetune.py",
+                   "diffclip/eval/__main__.py", "diffclip/eval/clip_benchmark.py",
                    "diffclip/eval/zeroshot.py", "diffclip/configs/DiffCLIP-ViT-B-16.json",
                    "diffclip/eval/prompts/en_zeroshot_classification_templates.json"):
         assert module in names, module
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     for script in ("diffclip-train = diffclip.training.main:cli", "diffclip-make-shards",
+                   "diffclip-finetune = diffclip.training.finetune:cli", "diffclip-study = diffclip.training.study:cli",
                    "diffclip-eval = diffclip.eval.__main__:main"):
         assert script in entry_points, script
 
