@@ -226,6 +226,57 @@ def test_bad_study_is_refused_before_any_job(digits_folder, tmp_path, change, me
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"models": ["CLIP-Tiny-64", "CLIP-Tiny-46"]}, "models[1] (CLIP-Tiny-46): unknown model 'CLIP-Tiny-46'"),
+    ({"eval": [{"name": "zs", "program": "zeroshott"}]}, "eval[0] (zs): unknown program 'zeroshott'"),
+    ({"eval": [{"name": "zs", "program": "readers"}]}, "eval[0] (zs): unknown program 'readers'"),
+    ({"eval": [{"name": "zs", "program": "zeroshot", "args": {"dataset": "fashion-mnsit"}}]},
+     "eval[0] (zs): unknown classification dataset 'fashion-mnsit'"),
+    ({"eval": [{"name": "r", "program": "retrieval", "metrics": [5]}]}, "eval[0]: 'metrics' must be a list"),
+    ({"nproc": "2"}, "'nproc' must be an integer"),
+])
+def test_bad_names_are_refused_before_shards_and_dry_run(study_file, tmp_path, change, message):
+    """A trainer study: the model names, evaluation programs and datasets are checked before the shards are built,
+    and by --dry-run."""
+    from diffclip.training.study import main
+
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({**json.loads(study_file.read_text()), "output": str(tmp_path / "out"), **change}))
+    for extra in (["--dry-run"], ["--no-progress"]):
+        with pytest.raises(UsageError, match=re.escape(message)):
+            main([str(path), *extra])
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_job_reports_its_own_error_line(tmp_path):
+    """A trainer job that stops at once (its shards are not there): the driver names the trainer's error line from
+    the job's log, not torchrun's summary that ends the log."""
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"name": "fail", "output": str(tmp_path / "out"), "models": ["CLIP-Tiny-64"],
+                                "seeds": [0], "train": {"train-data": str(tmp_path / "none-{0..1}.tar"),
+                                                        "workers": 0, "precision": "fp32"}}))
+    p = _driver(path)
+    _, stderr = p.communicate(timeout=300)
+    lines = [ln for ln in stderr.splitlines() if "error:" in ln]
+    assert p.returncode == 1 and lines, stderr[-2000:]
+    assert "CLIP-Tiny-64-seed0 failed (exit 1): main.py: error: --train-data: 2 of 2 shards not found" in lines[-1]
+    assert "====" not in lines[-1]
+    log_text = (tmp_path / "out" / "logs" / "CLIP-Tiny-64-seed0.log").read_text()
+    assert log_text.rstrip().endswith("=" * 20)  # the cause is not the log's last line
+
+
+def test_error_line():
+    from diffclip.training.study import error_line
+
+    torchrun = ("torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n" + "=" * 60 +
+                "\nmain.py FAILED\n" + "-" * 60 + "\n  traceback : To enable traceback see: https://x\n" + "=" * 60)
+    assert error_line("retrieval.py: error: --data-root x: no such file\n" + torchrun) == \
+        "retrieval.py: error: --data-root x: no such file"
+    assert error_line("Traceback (most recent call last):\n  File 'a.py'\nKeyError: 'x'\n" + torchrun) == "KeyError: 'x'"
+    assert error_line("killed at step 3\n" + "=" * 60) == "killed at step 3"
+    assert error_line("") == "(no output)"
+
+
 def test_study_files_of_the_repository():
     """Every study file in studies/ follows the schema and plans its jobs; the flags of those whose data is on
     this machine pass their programs' parsers."""

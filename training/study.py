@@ -24,7 +24,9 @@ A model given as a string is ``{"label": name, "args": {"model": name}}``; a mod
 Flags are written as in a shell without the dashes (``"batch-size": 64``; ``_`` is read as ``-``); ``true`` is a
 bare flag, ``false`` and ``null`` leave it out, a list gives several values. ``{out}`` in any value is the study's
 output folder; other relative paths are taken from the current folder. The whole file, each job's flags included
-(parsed by the job's own program), is checked before any job runs.
+(parsed by the job's own program), model names, evaluation programs and datasets, is checked before any job runs
+(``--dry-run`` too). A failed job is reported by its own error line (the last ``prog: error: ...`` line of its
+log, else its last exception line), not by torchrun's summary.
 
 Layout of the output: ``shards/<name>`` (kept when its ``sizes.json`` exists), ``runs/<label>-seed<k>`` (a run
 folder; a run with ``final_model/`` (main) or ``results.json`` (finetune) is finished and skipped, one with
@@ -121,7 +123,8 @@ def load_study(path: str | os.PathLike, output: str | None = None) -> dict:
 
     Raises:
         UsageError: a missing or unparsable file, an unknown key, a value of the wrong type, a missing key, a
-            baseline that is not a model, duplicate labels or evaluation names (one line naming the file).
+            baseline that is not a model, duplicate labels or evaluation names, an unknown model, evaluation
+            program or evaluation dataset (one line naming the file)
     """
     p = Path(path)
     if not p.is_file():
@@ -162,19 +165,57 @@ def load_study(path: str | os.PathLike, output: str | None = None) -> dict:
         for i, entry in enumerate(study.setdefault(key, [])):
             _check_keys(entry, spec, f"{where}: {key}[{i}]")
             _check_flags(entry.get("args", {}), f"{where}: {key}[{i}].args")
+            if not all(isinstance(x, str) for x in entry.get("metrics", [])):
+                raise UsageError(f"{where}: {key}[{i}]: 'metrics' must be a list of metric names, got "
+                                 f"{json.dumps(entry['metrics'])}")
         names = [e["name"] for e in study[key]]
         if len(set(names)) != len(names):
             raise UsageError(f"{where}: two {key} entries are named alike")
-    for i, e in enumerate(study["eval"]):
-        if importlib.util.find_spec(f"diffclip.eval.{e['program']}") is None:
-            raise UsageError(f"{where}: eval[{i}]: unknown program {e['program']!r}")
     if study["eval"] and program != "main":
         raise UsageError(f"{where}: 'eval' evaluates CLIP models trained by training/main.py; a {program} study "
                          "reports its runs' results.json")
     out = Path(output or study.get("output") or f"study_out/{study['name']}").absolute()
     study = _fill(study, out)
     study["output"] = str(out)
+    _check_names(study, where)
     return study
+
+
+def _check_names(study: dict, where: str) -> None:
+    """The names a job's parser takes as plain strings, checked before any job runs: every model (a diffclip
+    config name, ``hf-hub:...`` or a ``save_pretrained`` folder; for finetune also a timm model), every evaluation
+    program (those of ``diffclip-eval``) and the datasets of zeroshot, retrieval and linear_probe."""
+    import timm
+    from diffclip.eval import readers
+    from diffclip.eval.__main__ import PROGRAMS
+
+    import diffclip
+    from diffclip.classifier import is_diffclip_name
+
+    for i, m in enumerate(study["models"]):
+        name = str({**study["train"], **m["args"]}["model"])
+        if name.startswith("hf-hub:") or (study["program"] == "finetune" and timm.is_model(name)):
+            continue
+        try:
+            diffclip.get_model_config(name)
+        except DiffclipError as e:
+            raise UsageError(f"{where}: models[{i}] ({m['label']}): {e}"
+                             + (" or a timm model" if study["program"] == "finetune" else "")) from None
+        if study["program"] == "finetune" and not is_diffclip_name(name):
+            raise UsageError(f"{where}: models[{i}] ({m['label']}): finetune takes a diffclip config name or a timm "
+                             f"model, not the folder {name}")
+    tasks = {"zeroshot": "classification", "linear_probe": "classification", "retrieval": "retrieval"}
+    for i, e in enumerate(study["eval"]):
+        if e["program"] not in PROGRAMS:
+            raise UsageError(f"{where}: eval[{i}] ({e['name']}): unknown program {e['program']!r}; expected one of "
+                             f"{', '.join(PROGRAMS)}")
+        names = e.get("args", {}).get("dataset")
+        for name in (names if isinstance(names, list) else [names]) if e["program"] in tasks else []:
+            if name is not None and name != "paper":
+                try:
+                    readers.dataset_spec(str(name), tasks[e["program"]])
+                except DiffclipError as err:
+                    raise UsageError(f"{where}: eval[{i}] ({e['name']}): {err}") from None
 
 
 def select(study: dict, labels: list[str] | None = None, seeds: list[int] | None = None) -> dict:
@@ -291,6 +332,19 @@ def check_flags(jobs: list[dict]) -> None:
             raise UsageError(f"job {job['name']}: {e}") from None
 
 
+def error_line(text: str) -> str:
+    """The cause of a failed job, from its output: the last ``prog: error: ...`` line (a program's one-line
+    error), else the last exception line (``SomethingError: ...``) other than torchrun's ``ChildFailedError``, else
+    the last line that is not a separator (``====``, ``----``) or a field of torchrun's failure summary."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for pattern in (r"^\S+: error: ", r"^[\w.]*(Error|Exception|Interrupt)\b.*:"):
+        found = [ln for ln in lines if re.match(pattern, ln) and "ChildFailedError" not in ln]
+        if found:
+            return found[-1]
+    rest = [ln for ln in lines if not re.fullmatch(r"[=\-]+", ln)]
+    return rest[-1] if rest else "(no output)"
+
+
 def _execute(job: dict, log_dir: Path, threads: int) -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     log_file = log_dir / (job["name"].replace("/", "__") + ".log")
@@ -298,10 +352,14 @@ def _execute(job: dict, log_dir: Path, threads: int) -> None:
     with open(log_file, "a") as f:
         f.write(f"$ {' '.join(job['argv'])}\n")
         f.flush()
+        start = f.tell()  # this attempt's output only: the log keeps earlier attempts
         rc = subprocess.call(job["argv"], stdout=f, stderr=subprocess.STDOUT, env=env)
     if rc != 0 or not Path(job["output"]).exists():
-        lines = [ln for ln in log_file.read_text().splitlines() if ln.strip()]
-        raise RunError(f"{job['name']} failed (exit {rc}): {lines[-1] if lines else '(no output)'}; see {log_file}")
+        with open(log_file, "rb") as f:
+            f.seek(start)
+            output = f.read().decode(errors="replace")
+        cause = error_line(output) if rc != 0 else f"wrote no {job['output']}"
+        raise RunError(f"{job['name']} failed (exit {rc}): {cause}; see {log_file}")
 
 
 def execute(study: dict, jobs: list[dict], n_jobs: int = 1, progress: bool = True) -> list[str]:
