@@ -24,7 +24,7 @@ from diffclip.cli import ArgumentParser, UsageError, positive_int, run
 from diffclip.errors import InputError, UnknownNameError, one_line
 from diffclip.files import check_writable, save_figure, write_json
 
-__all__ = ["gram", "centre", "cka_from_grams", "linear_cka", "layer_grams", "cka_matrix", "plot_matrix", "main"]
+__all__ = ["gram", "centre", "cka_from_grams", "layer_grams", "cka_matrix", "plot_matrix", "main"]
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
@@ -44,13 +44,6 @@ def cka_from_grams(k: torch.Tensor, l: torch.Tensor) -> float:  # noqa: E741
     kc, lc = centre(k), centre(l)
     denom = kc.norm() * lc.norm()
     return float((kc * lc).sum() / denom) if denom > 0 else float("nan")
-
-
-def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Linear CKA of two feature matrices (n, p) and (n, q) of the same n examples."""
-    if x.size(0) != y.size(0):
-        raise InputError(f"CKA needs the same examples in both: {x.size(0)} vs {y.size(0)}")
-    return cka_from_grams(gram(x), gram(y))
 
 
 @torch.no_grad()

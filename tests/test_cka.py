@@ -5,12 +5,18 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from diffclip.eval.cka import cka_matrix, layer_grams, linear_cka, main
+from diffclip.eval.cka import cka_from_grams, cka_matrix, gram, layer_grams, main
 
 import diffclip  # noqa: F401
 
 
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA of two feature matrices (n, p) and (n, q) of the same n examples."""
+    return cka_from_grams(gram(x), gram(y))
+
+
 def test_linear_cka_properties():
+    """gram + cka_from_grams (what cka_matrix computes per pair of layers) on features."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(50, 20, generator=g)
     q, _ = torch.linalg.qr(torch.randn(20, 20, generator=g))

@@ -80,19 +80,25 @@ def test_exported_weights_load_and_match_the_checkpoint(runs):
     assert not torch.equal(fresh.state_dict()["text_projection"], loaded.state_dict()["text_projection"])
 
 
-def test_find_latest_checkpoint(tmp_path):
-    from diffclip.training.checkpoint import checkpoint_step, find_latest
+def test_find_loadable_takes_the_highest_step(tmp_path):
+    """--resume latest's choice: the highest step (epoch_e = e x steps per epoch), an epoch file before a step file
+    of the same step, temporaries and other files ignored."""
+    from diffclip.training.checkpoint import checkpoint_step, find_loadable
 
-    assert find_latest(tmp_path / "none", 10) is None
+    def write(name: str) -> None:
+        torch.save({"step": 0, "epoch": 0, "batches_done": 0, "state_dict": {}, "scaler": None,
+                    "optimizer": {"state": {}, "param_groups": [{"params": []}]}}, tmp_path / name)
+
+    assert find_loadable(tmp_path / "none", 10) is None
     for name in ("epoch_1.pt", "step_15.pt", "step_20.pt.tmp", "epoch_2.pt", "step_7.pt", "notes.txt"):
-        (tmp_path / name).write_bytes(b"")
+        write(name)
     assert checkpoint_step(tmp_path / "epoch_2.pt", 10) == 20
-    assert find_latest(tmp_path, 10).name == "epoch_2.pt"  # step 20; the .tmp file is ignored
-    (tmp_path / "step_21.pt").write_bytes(b"")
-    assert find_latest(tmp_path, 10).name == "step_21.pt"
-    (tmp_path / "step_20.pt").write_bytes(b"")
+    assert find_loadable(tmp_path, 10)[0].name == "epoch_2.pt"  # step 20; the .tmp file is ignored
+    write("step_21.pt")
+    assert find_loadable(tmp_path, 10)[0].name == "step_21.pt"
+    write("step_20.pt")
     (tmp_path / "step_21.pt").unlink()
-    assert find_latest(tmp_path, 10).name == "epoch_2.pt"  # same step: the epoch checkpoint wins
+    assert find_loadable(tmp_path, 10)[0].name == "epoch_2.pt"  # same step: the epoch checkpoint wins
 
 
 def test_torchcompile_run_matches_the_eager_run(runs, tmp_path):

@@ -38,7 +38,7 @@ from diffclip.hub import load_state_dict, torch_load
 from .distributed import DistInfo
 
 __all__ = ["rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint", "read_checkpoint", "check_checkpoint",
-           "check_optimizer_state", "find_latest", "find_loadable", "checkpoint_step"]
+           "check_optimizer_state", "find_loadable", "checkpoint_step"]
 
 log = logging.getLogger("diffclip.train")
 
@@ -83,18 +83,6 @@ def checkpoint_step(path: str | Path, steps_per_epoch: int) -> int:
     if not m:
         raise InputError(f"not a checkpoint name: {path}")
     return int(m.group(2)) * (steps_per_epoch if m.group(1) == "epoch" else 1)
-
-
-def find_latest(ckpt_dir: str | Path, steps_per_epoch: int) -> Path | None:
-    """The checkpoint of the highest step in ``ckpt_dir`` (temporary files ignored), or None."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        return None
-    found = [p for p in ckpt_dir.iterdir() if _NAME.match(p.name)]
-    if not found:
-        return None
-    # at equal steps an epoch_ file (written after the epoch's evaluation) wins over a step_ file
-    return max(found, key=lambda p: (checkpoint_step(p, steps_per_epoch), p.name.startswith("epoch")))
 
 
 def save_checkpoint(path: str | Path, state, batches_done: int, info: DistInfo, *, epoch: int | None = None,
@@ -236,6 +224,7 @@ def find_loadable(ckpt_dir: str | Path, steps_per_epoch: int) -> tuple[Path, dic
     Newer files that do not read (empty, truncated, foreign) are passed over with a warning naming each and why."""
     ckpt_dir = Path(ckpt_dir)
     found = [p for p in ckpt_dir.iterdir() if _NAME.match(p.name)] if ckpt_dir.is_dir() else []
+    # newest first; at equal steps an epoch_ file (written after the epoch's evaluation) before a step_ file
     found.sort(key=lambda p: (checkpoint_step(p, steps_per_epoch), p.name.startswith("epoch")), reverse=True)
     for path in found:
         try:
