@@ -97,6 +97,20 @@ def _save_npz_atomic(path: Path, **arrays) -> None:
     write_bytes(path, buf.getvalue())
 
 
+def _read_cached(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(x, y)`` of a feature-cache entry, or None (with a warning) when it does not load: a truncated or damaged
+    file is recomputed and replaced atomically, never an error."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            x, y = z["x"], z["y"]
+        if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
+            raise ValueError(f"shapes {x.shape} and {y.shape}")
+        return x, y
+    except Exception as e:  # noqa: BLE001 - zipfile, numpy and OS errors alike: the entry is only a cache
+        log.warning("feature cache %s does not load (%s: %s); recomputing it", path, type(e).__name__, e)
+        return None
+
+
 def features(model, preprocess, dataset_name: str, root, split: str, *, model_name: str, pretrained: str | None,
              device, precision: str = "fp32", batch_size: int = 64, workers: int = 0, max_samples: int | None = None,
              cache_dir: str | os.PathLike | None = None, progress: bool = True,
@@ -113,9 +127,10 @@ def features(model, preprocess, dataset_name: str, root, split: str, *, model_na
                         **({"features": "pooled"} if pooled else {}))
         path = Path(cache_dir).expanduser() / f"{dataset.name.replace('/', '_')}_{split}_{key}.npz"
         if path.is_file():
-            with np.load(path, allow_pickle=False) as z:
+            cached = _read_cached(path)
+            if cached is not None:
                 log.info("features of %s/%s from cache %s", dataset.name, split, path)
-                return z["x"], z["y"], dataset.classnames
+                return (*cached, dataset.classnames)
     dataset = limit(readers.set_transform(dataset, model_transform(preprocess, precision)), max_samples)
     t0 = time.perf_counter()
     encoder = argparse.Namespace(encode_image=model.visual) if pooled else model

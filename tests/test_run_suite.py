@@ -92,3 +92,24 @@ def test_linear_probe_seed_reaches_model_and_cache(tmp_path):
         seed0, seed1 = [np.load(f)["x"] for f in cache.glob(f"digits_{split}_*.npz")]
         assert seed0.shape == seed1.shape and not np.allclose(seed0, seed1)
     assert records[1][0] == records[1][1]
+
+
+def test_a_damaged_feature_cache_entry_is_recomputed_and_replaced(tmp_path, capsys):
+    """A truncated cache file (a killed write of an older version, a full disk) is a warning and a recomputation,
+    replaced atomically, never a BadZipFile traceback; the record equals the one computed without any cache."""
+    cache = tmp_path / "cache"
+    argv = ["--model", MODEL, "--dataset", "digits", "--max-samples", "30", "--C", "1", "--workers", "0",
+            "--no-progress", "--seed", "0"]
+    _run(linear_probe.main, argv + ["--feature-cache", str(cache), "--output", str(tmp_path / "a.json")])
+    entries = sorted(cache.glob("*.npz"))
+    good = {p.name: p.read_bytes() for p in entries}
+    for p in entries:  # truncate every entry
+        p.write_bytes(good[p.name][: len(good[p.name]) // 3])
+    capsys.readouterr()
+    _run(linear_probe.main, argv + ["--feature-cache", str(cache), "--output", str(tmp_path / "b.json")])
+    err = capsys.readouterr().err
+    assert err.count("does not load") == len(entries) and "Traceback" not in err, err
+    assert {p.name: p.read_bytes() for p in cache.glob("*.npz")} == good  # replaced, by the same features
+    _run(linear_probe.main, argv + ["--no-cache", "--output", str(tmp_path / "c.json")])
+    a, b, c = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "abc")
+    assert a == b == c
