@@ -216,8 +216,9 @@ def markdown(rows: list[dict]) -> str:
                        f"{r['samples_per_s']:.0f} | {_fmt(r['peak_mib'], '.0f')} |")
         else:
             out.append(f"| torchrun training/main.py, batch {r['batch']}, {r['steps']} steps | {r['model']} | "
-                       f"{r['precision']}, {r['backend']} | {r['batch_time_s'] * 1e3:.1f} ms/step (data "
-                       f"{r['data_time_s'] * 1e3:.1f} ms), {r['wall_s']:.0f} s in all | {r['samples_per_s']:.0f} | - |")
+                       f"{r['precision']}, {r['backend']} | {r['batch_time_s'] * 1e3:.1f} ms compute + "
+                       f"{r['data_time_s'] * 1e3:.1f} ms data wait per step, {r['wall_s']:.0f} s in all | "
+                       f"{r['samples_per_s']:.0f} | - |")
     return "\n".join(out)
 
 
