@@ -152,3 +152,56 @@ def main_in_process(*argv: str) -> tuple[int, str]:
         except SystemExit as e:
             code = e.code
     return code, err.getvalue()
+
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+_REFERENCE: dict = {}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_args(shards: Path, zs: Path, logs: Path, name: str, *extra: str) -> list[str]:
+    """``training/main.py`` and its flags for the 2-process cluster runs (3 epochs of 3 global batches of 16, no
+    step checkpoints: the only mid-epoch checkpoint is a preemption's), without the interpreter or launcher."""
+    args = _cmd(shards, zs, logs, name, "--epochs", "3", "--save-every-n-steps", "0", *extra)[1:]
+    args[args.index("--logs")] = "--logs-dir"  # torchrun's own parser would read --logs as its --logs-specs
+    return args
+
+
+def ddp_reference(tmp_path_factory) -> dict:
+    """Shards, a zero-shot set and one uninterrupted ``torchrun --standalone --nproc_per_node 2`` run ("reference"),
+    made once per test session and shared by the preemption and multi-node tests."""
+    if not _REFERENCE:
+        root = tmp_path_factory.mktemp("cluster")
+        shards, zs = _write_sources(root)
+        logs = root / "logs"
+        out = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2",
+                              *ddp_args(shards, zs, logs, "reference")], env=_env(), capture_output=True, text=True,
+                             timeout=400)
+        assert out.returncode == 0, out.stderr[-3000:]
+        _REFERENCE.update(shards=shards, zs=zs, logs=logs, run=logs / "reference")
+    return _REFERENCE
+
+
+def final_weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "final_model" / "model.safetensors")
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    """The same loss at every step and the same final weights as ``reference``, bit for bit."""
+    import torch
+
+    got, want = _losses(run_dir), _losses(reference)
+    assert sorted(want) == list(range(1, len(want) + 1)) and got == want, (got, want)
+    a, b = final_weights(run_dir), final_weights(reference)
+    assert sorted(a) == sorted(b)
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, differ[:5]

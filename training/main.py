@@ -33,7 +33,16 @@ from diffclip.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from diffclip.training.distributed import DistInfo, barrier, cleanup, init_distributed
+from diffclip.training.distributed import (
+    PREEMPTED_EXIT,
+    DistInfo,
+    PreemptionSignal,
+    barrier,
+    cleanup,
+    init_distributed,
+    preemption_signals_blocked,
+    requeue_slurm_job,
+)
 from diffclip.training.params import parse_args
 from diffclip.training.run_folder import RunLock
 from diffclip.training.train import (
@@ -148,6 +157,14 @@ def check_shards(urls: list[str], flag: str) -> None:
             hosts.setdefault(urlsplit(u).netloc, u)
     for url in hosts.values():
         _probe_remote(url, flag)
+    from diffclip.training.remote import SCHEMES, check_remote
+
+    buckets: dict[str, str] = {}
+    for u in urls:
+        if u.split("://", 1)[0] in SCHEMES:
+            buckets.setdefault(u.split("/")[2], u)
+    for url in buckets.values():  # the store answers and the bucket exists
+        check_remote(url, flag)
 
 
 def _count(urls: list[str], given: int | None, flag: str) -> int:
@@ -298,6 +315,15 @@ def take_run_folder(run_dir: Path, args, info: DistInfo) -> tuple[RunLock | None
 
 
 def train(args) -> int:
+    """The run; returns 0, or ``PREEMPTED_EXIT`` (75) when a preemption signal stopped it after a checkpoint."""
+    preemption = PreemptionSignal()  # before any loader worker is forked: they inherit the recording handler
+    try:
+        return _locked_train(args, preemption)
+    finally:
+        preemption.restore()
+
+
+def _locked_train(args, preemption: PreemptionSignal) -> int:
     try:
         info = init_distributed(args.device, args.dist_backend)
     except ValueError as e:
@@ -308,14 +334,22 @@ def train(args) -> int:
         diffclip.get_model_config(args.model)
     except ValueError as e:
         raise UsageError(f"--model: {e}") from None
-    if args.resume == "latest" and not args.name:
-        raise UsageError("--resume latest needs --name: the run folder to continue")
+    if args.resume in ("latest", "auto") and not args.name:
+        raise UsageError(f"--resume {args.resume} needs --name: the run folder to continue")
     name = args.name or _broadcast(default_name(args), info)
     args.name = name
     run_dir = Path(args.logs) / name
-    if args.resume and args.resume != "latest" and not Path(args.resume).is_file():
+    if args.resume and args.resume not in ("latest", "auto") and not Path(args.resume).is_file():
         raise UsageError(f"--resume: checkpoint not found: {args.resume}")
     check_writable(run_dir / "out.log", "--logs")
+    remote_run = None
+    if args.remote_sync:  # --resume auto on a node without the run folder: its newest checkpoint from the remote
+        from diffclip.training.remote import check_remote, fetch_latest
+
+        check_remote(args.remote_sync, "--remote-sync")
+        remote_run = f"{args.remote_sync.rstrip('/')}/{name}"
+        if args.resume == "auto" and info.is_master and not any((run_dir / "checkpoints").glob("*.pt")):
+            fetch_latest(remote_run, run_dir)
     # ---- the run folder, locked for the run's life before any slow work ----
     lock, made = take_run_folder(run_dir, args, info)
     progress = {"steps": 0}
@@ -323,7 +357,15 @@ def train(args) -> int:
         if info.is_master:
             _logging(info, run_dir / "out.log")
             _remove_stale_temporaries(run_dir)
-        return _train(args, info, run_dir, progress)
+        if remote_run is None or not info.is_master:
+            return _train(args, info, run_dir, progress, preemption)
+        from diffclip.training.remote import RemoteSync
+
+        syncer = RemoteSync(run_dir, remote_run, args.remote_sync_frequency)  # in the background, never a step
+        try:
+            return _train(args, info, run_dir, progress, preemption)
+        finally:
+            syncer.close()  # the last copy: the final weights, or a preemption's checkpoint
     except BaseException as e:
         if info.is_master:
             from diffclip.cli import USER_ERRORS
@@ -346,9 +388,13 @@ def train(args) -> int:
             lock.release()
 
 
-def _train(args, info: DistInfo, run_dir: Path, progress: dict) -> int:
+class Preempted(Exception):
+    """Raised by the step hook once the ranks agreed to stop, after the checkpoint of that step was written."""
+
+
+def _train(args, info: DistInfo, run_dir: Path, progress: dict, preemption: PreemptionSignal) -> int:
     """The run, once its folder is locked; ``progress["steps"]`` counts the optimizer steps taken."""
-    resume_latest = args.resume == "latest"
+    resume_latest = args.resume in ("latest", "auto")
     # ---- the checkpoint named by --resume: read and its structure checked before any work ----
     resume_from = (None, None)
     if args.resume and not resume_latest:
@@ -434,7 +480,9 @@ def _train(args, info: DistInfo, run_dir: Path, progress: dict) -> int:
     results_path = run_dir / "results.jsonl"
     metrics_log = None
     if info.is_master:  # records of the steps after the checkpoint (to be trained again) are dropped
-        metrics_log = MetricsLogger(results_path, run_dir / "tensorboard" if args.report_to == "tensorboard" else None,
+        from diffclip.training.tracking import make_trackers
+        metrics_log = MetricsLogger(results_path, run_dir / "tensorboard" if "tensorboard" in args.report_to.split(",")
+                                    else None, trackers=make_trackers(args, run_dir),
                                     resume_step=resume_from[1]["step"] if resume_from[1] is not None else None)
 
     n_params = sum(p.numel() for p in model.parameters())
@@ -484,7 +532,7 @@ def _train(args, info: DistInfo, run_dir: Path, progress: dict) -> int:
     if args.resume:
         path, ckpt = resume_from
         if path is None:
-            log.info("--resume latest: no checkpoint in %s, starting from scratch", ckpt_dir)
+            log.info("--resume %s: no checkpoint in %s, starting from scratch", args.resume, ckpt_dir)
         else:
             batches_done = load_checkpoint(path, state, info, ckpt)
             if batches_done >= steps_per_epoch * args.accum_freq:
@@ -511,22 +559,40 @@ def _train(args, info: DistInfo, run_dir: Path, progress: dict) -> int:
 
     def on_step(st: TrainState, batches: int) -> None:
         progress["steps"] += 1
+        stop = preemption.agreed(info)  # one collective per step: every rank stops after the same step
         n = args.save_every_n_steps
-        if not n or st.step % n:
-            return
-        if batches >= steps_per_epoch * args.accum_freq:
-            if will_save_epoch(st.epoch):
-                return  # the end-of-epoch checkpoint follows
-            save(ckpt_dir / f"step_{st.step}.pt", 0, epoch=st.epoch + 1)
-        else:
-            save(ckpt_dir / f"step_{st.step}.pt", batches)
+        if stop or (n and not st.step % n):
+            if batches >= steps_per_epoch * args.accum_freq:
+                if not stop and will_save_epoch(st.epoch):
+                    return  # the end-of-epoch checkpoint follows
+                save(ckpt_dir / f"step_{st.step}.pt", 0, epoch=st.epoch + 1)
+            else:
+                save(ckpt_dir / f"step_{st.step}.pt", batches)
+        if stop:
+            raise Preempted
+
+    def preempted() -> int:
+        """After the checkpoint of a preemption: log, requeue (rank 0, ``--requeue-on-preempt``) and leave."""
+        got = preemption.received.name if preemption.received is not None else "another rank's signal"
+        log.warning("preempted (%s): stopped after step %d with its checkpoint; exit status %d, continue with the "
+                    "same command and --resume auto", got, state.step, PREEMPTED_EXIT)
+        if metrics_log is not None:
+            metrics_log.log("preempted", state.step, {}, epoch=state.epoch, signal=got)
+            metrics_log.close()
+        if info.is_master and args.requeue_on_preempt:
+            requeue_slurm_job()
+        cleanup(info)
+        return PREEMPTED_EXIT
 
     t0 = time.time()
     for epoch in range(state.epoch, args.epochs):
         state.epoch = epoch
         data.set_epoch(epoch, batches_done)
         data.stats.reset()
-        train_one_epoch(state, data, batches_done, on_step)
+        try:
+            train_one_epoch(state, data, batches_done, on_step)
+        except Preempted:
+            return preempted()
         batches_done = 0
         stats = _sum_over_ranks(_stats_dict(data.stats), info)
         done = epoch + 1
@@ -537,21 +603,23 @@ def _train(args, info: DistInfo, run_dir: Path, progress: dict) -> int:
         if will_save_epoch(epoch):  # the epoch is kept before any evaluation runs
             save(ckpt_dir / f"epoch_{done}.pt", 0, epoch=done)
         rng_before_eval = rng_state()  # evaluation loaders draw from the global RNGs: keep training's streams
-        if info.is_master:
-            plain = unwrap_model(ddp_model)
-            if zs is not None and args.zeroshot_frequency and (done % args.zeroshot_frequency == 0
-                                                               or done == args.epochs):
-                from diffclip.training.zero_shot_eval import run_zeroshot
-                metrics = run_zeroshot(plain, tokenizer, zs, info.device, eval_autocast,
-                                       batch_size=args.batch_size, workers=min(args.workers, 2))
-                log.info("epoch %d zero-shot %s: %s", epoch, zs.name,
-                         ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-                metrics_log.log("zeroshot", state.step, metrics, dataset=zs.name, epoch=epoch)
-            if make_val is not None and args.val_frequency and (done % args.val_frequency == 0
-                                                                or done == args.epochs):
-                metrics = evaluate_val(plain, val_loss_fn, make_val(), info.device, eval_autocast, input_dtype)
-                log.info("epoch %d validation: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-                metrics_log.log("val", state.step, metrics, epoch=epoch)
+        # evaluation forks loader workers (rank 0): a preemption signal waits, pending, until it is over
+        with preemption_signals_blocked() if info.is_master else contextlib.nullcontext():
+            if info.is_master:
+                plain = unwrap_model(ddp_model)
+                if zs is not None and args.zeroshot_frequency and (done % args.zeroshot_frequency == 0
+                                                                   or done == args.epochs):
+                    from diffclip.training.zero_shot_eval import run_zeroshot
+                    metrics = run_zeroshot(plain, tokenizer, zs, info.device, eval_autocast,
+                                           batch_size=args.batch_size, workers=min(args.workers, 2))
+                    log.info("epoch %d zero-shot %s: %s", epoch, zs.name,
+                             ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                    metrics_log.log("zeroshot", state.step, metrics, dataset=zs.name, epoch=epoch)
+                if make_val is not None and args.val_frequency and (done % args.val_frequency == 0
+                                                                    or done == args.epochs):
+                    metrics = evaluate_val(plain, val_loss_fn, make_val(), info.device, eval_autocast, input_dtype)
+                    log.info("epoch %d validation: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                    metrics_log.log("val", state.step, metrics, epoch=epoch)
         set_rng_state(rng_before_eval)
         barrier(info)
     if state.step < total_steps:
@@ -570,7 +638,7 @@ def _train(args, info: DistInfo, run_dir: Path, progress: dict) -> int:
     if metrics_log is not None:
         metrics_log.close()
     log.info("done in %.1f min: logs %s, results %s, checkpoints %s%s", (time.time() - t0) / 60, run_dir / "out.log",
-             results_path, ckpt_dir, f", TensorBoard {run_dir / 'tensorboard'}" if args.report_to == "tensorboard" else "")
+             results_path, ckpt_dir, f", TensorBoard {run_dir / 'tensorboard'}" if "tensorboard" in args.report_to.split(",") else "")
     barrier(info)
     cleanup(info)
     return 0

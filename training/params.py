@@ -78,14 +78,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--logs", "--logs-dir", dest="logs", default="./logs", help="root of the run folders (under "
                    "torchrun write --logs-dir: torchrun's parser takes --logs for an abbreviation of its --logs-specs)")
     g.add_argument("--name", default=None, help="run folder name under --logs (default: date, model, lr, batch)")
-    g.add_argument("--resume", default=None, help="a checkpoint file, or 'latest' (the newest in the run folder)")
+    g.add_argument("--resume", default=None, help="a checkpoint file, or 'latest' / 'auto' (the newest loadable "
+                   "checkpoint of the run folder, a fresh start when there is none: one command for the first start "
+                   "and every restart)")
+    g.add_argument("--requeue-on-preempt", action="store_true", help="after the checkpoint a preemption signal "
+                   "(SIGTERM, SIGUSR1, SIGUSR2) triggers, requeue the SLURM job (scontrol requeue $SLURM_JOB_ID)")
     g.add_argument("--save-frequency", type=nonneg_int, default=1, help="checkpoint every n epochs (0: never)")
     g.add_argument("--save-every-n-steps", type=nonneg_int, default=0, help="also checkpoint every n steps, "
                    "mid-epoch included (0: never)")
     g.add_argument("--delete-previous-checkpoint", action="store_true", help="keep only the newest checkpoint")
     g.add_argument("--log-every-n-steps", type=positive_int, default=100, help="log (and write results.jsonl) "
                    "every n steps")
-    g.add_argument("--report-to", default="", help="'tensorboard' to write TensorBoard scalars")
+    g.add_argument("--report-to", default="", help="'tensorboard', 'wandb' or both ('wandb,tensorboard'): the "
+                   "metrics under open_clip's tags")
+    g.add_argument("--wandb-project-name", default="open-clip", help="wandb project (--report-to wandb)")
+    g.add_argument("--remote-sync", default=None, help="copy the run folder to this remote folder (s3://bucket/runs: "
+                   "<remote>/<name>) in the background, and at the end; --resume auto fetches the newest checkpoint "
+                   "from there when the local run folder has none")
+    g.add_argument("--remote-sync-frequency", type=positive_int, default=300, help="seconds between copies")
     g.add_argument("--device", default="auto", help="auto (cuda when available, else mps, else cpu), cpu, cuda "
                    "(one device per process, the local rank's), cuda:N or mps")
     g.add_argument("--dist-backend", default=None, help="default: nccl on CUDA, gloo on CPU")
@@ -101,8 +111,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--train-data is required")
     if args.train_data_upsampling_factors and not args.dataset_resampled:
         parser.error("--train-data-upsampling-factors needs --dataset-resampled")
-    if args.report_to not in ("", "tensorboard", "none"):
-        parser.error(f"--report-to must be 'tensorboard' (or empty), got {args.report_to!r}")
+    unknown = set(args.report_to.split(",")) - {"", "none", "tensorboard", "wandb"}
+    if unknown:
+        parser.error(f"--report-to: expected 'tensorboard', 'wandb' or both ('wandb,tensorboard'), got "
+                     f"{args.report_to!r}")
+    if args.remote_sync is not None and "://" not in args.remote_sync:
+        parser.error(f"--remote-sync: expected a remote folder such as s3://bucket/runs, got {args.remote_sync!r}")
     if args.siglip and (args.local_loss or args.gather_with_grad):
         parser.error("--siglip always gathers the texts with gradients; drop --local-loss / --gather-with-grad")
     if args.pretrained is not None and not args.pretrained.strip():

@@ -9,6 +9,7 @@ scale to [0, ln 100].
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -28,7 +29,7 @@ from diffclip.files import write_text
 from diffclip.loss import clamp_logit_scale
 from diffclip.metrics import retrieval_metrics
 
-from .distributed import DistInfo, all_reduce_mean
+from .distributed import DistInfo, all_reduce_mean, preemption_signals_blocked
 
 __all__ = ["unwrap_model", "param_groups", "cosine_lr", "const_lr", "encode", "backward", "optimizer_step",
            "forward_backward", "train_step", "TrainState", "train_one_epoch", "evaluate_val", "OPEN_CLIP_TAGS",
@@ -240,9 +241,10 @@ class MetricsLogger:
     TensorBoard hides its events of those steps (``purge_step``), so every step appears once (an evaluation that
     the resumed run repeats, logged at its epoch, not its step, can appear twice there, as in open_clip)."""
 
-    def __init__(self, results_path, tensorboard_dir=None, resume_step: int | None = None):
+    def __init__(self, results_path, tensorboard_dir=None, resume_step: int | None = None, trackers=()):
         self.path = Path(results_path)
         self.tb = None
+        self.trackers = list(trackers)  # e.g. training/tracking.py's WandbTracker: log(kind, step, values, context)
         self.dropped = 0
         if resume_step is not None and self.path.is_file():
             kept = []
@@ -273,10 +275,15 @@ class MetricsLogger:
             tb_step, scalars = tensorboard_scalars(kind, step, values, context)
             for tag, value in scalars.items():
                 self.tb.add_scalar(tag, value, tb_step)
+        for tracker in self.trackers:
+            tracker.log(kind, step, values, context)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 @dataclass
@@ -328,7 +335,10 @@ def train_one_epoch(state: TrainState, data, start_batch: int = 0,
     n_timed = 0
     t_last = time.perf_counter()
     t_log = t_last
-    for batch in data.dataloader:
+    batches = iter(data.dataloader)
+    with preemption_signals_blocked():  # the first batch forks the loader's workers: they outlive such a signal
+        first = next(batches, None)
+    for batch in itertools.chain(() if first is None else (first,), batches):
         if step_in_epoch >= n_steps:
             break
         micro.append(_to_device(batch, info.device, state.input_dtype))
