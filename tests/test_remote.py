@@ -1,0 +1,106 @@
+"""Shards and run folders in object storage, against a real S3 server on loopback (moto in server mode), read as the
+trainer reads it (s3fs through fsspec, endpoint from ``AWS_ENDPOINT_URL``): training from ``s3://`` shards counted
+by the bucket's sizes.json, ``--remote-sync`` copying the run folder, ``--resume auto`` continuing exactly from a
+checkpoint that only the bucket holds, and a store that cannot be reached refused in one line before training."""
+
+import json
+import os
+import shutil
+
+import pytest
+from train_helpers import MODEL, _write_sources, final_weights, free_port, main_in_process
+
+boto3 = pytest.importorskip("boto3")
+moto_server = pytest.importorskip("moto.server")
+s3fs = pytest.importorskip("s3fs")
+
+SHARDS = "s3://data/shards/{00000..00003}.tar"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A moto S3 server with bucket ``data`` (the shards of train_helpers, their sizes.json) and bucket ``runs``."""
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in (*env, "AWS_ENDPOINT_URL")}
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(env, AWS_ENDPOINT_URL=f"http://{host}:{port}")
+    s3fs.S3FileSystem.clear_instance_cache()
+    root = tmp_path_factory.mktemp("s3")
+    shards, _ = _write_sources(root)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="data")
+    client.create_bucket(Bucket="runs")
+    for p in sorted(shards.glob("*")):
+        if p.is_file():
+            client.upload_file(str(p), "data", f"shards/{p.name}")
+    yield {"client": client, "root": root, "sizes": json.loads((shards / "sizes.json").read_text())}
+    server.stop()
+    s3fs.S3FileSystem.clear_instance_cache()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _args(logs, *extra):
+    return ["--model", MODEL, "--train-data", SHARDS, "--batch-size", "8", "--epochs", "1", "--lr", "1e-3",
+            "--warmup", "2", "--precision", "fp32", "--workers", "1", "--seed", "3", "--logs", str(logs), "--name",
+            "r", "--log-every-n-steps", "1", "--save-every-n-steps", "2", "--device", "cpu", "--remote-sync",
+            "s3://runs/exp", "--remote-sync-frequency", "1", *extra]
+
+
+def _keys(client, bucket, prefix):
+    return sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []))
+
+
+def _losses(run_dir):
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "results.jsonl").read_text().splitlines())
+            if r["type"] == "train"}
+
+
+def test_train_from_bucket_sync_and_exact_resume_from_the_bucket_alone(store, tmp_path):
+    client, logs = store["client"], tmp_path / "logs"
+    code, err = main_in_process(*_args(logs, "--resume", "auto"))
+    assert code == 0, err[-3000:]
+    steps = sum(store["sizes"].values()) // 8  # the counts of the bucket's sizes.json (no --train-num-samples)
+    run = logs / "r"
+    full = _losses(run)
+    assert sorted(full) == list(range(1, steps + 1))
+    keys = _keys(client, "runs", "exp/r/")
+    for want in ("exp/r/checkpoints/step_2.pt", "exp/r/checkpoints/epoch_1.pt", "exp/r/results.jsonl",
+                 "exp/r/final_model/model.safetensors", "exp/r/params.txt"):
+        assert want in keys, keys
+    assert "exp/r/.lock" not in keys
+    reference = final_weights(run)
+    # a new node: no local folder; the bucket holds the run up to step 4 (later checkpoints and the export gone)
+    shutil.rmtree(logs)
+    for key in keys:
+        if key.startswith(("exp/r/final_model/", "exp/r/checkpoints/")) and not key.endswith("step_2.pt"):
+            client.delete_object(Bucket="runs", Key=key)
+    code, err = main_in_process(*_args(logs, "--resume", "auto"))
+    assert code == 0, err[-3000:]
+    assert "fetched step_2.pt" in err
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.pt"))[0] == "epoch_1.pt"
+    assert _losses(run) == full
+    import torch
+
+    got = final_weights(run)
+    assert [k for k in reference if not torch.equal(reference[k], got[k])] == []
+
+
+def test_unreachable_store_is_one_line_before_training(store, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        code, err = main_in_process(*_args(tmp_path / "logs"))
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and "--remote-sync: cannot reach s3://runs/exp" in last, err[-2000:]
+    assert "Traceback" not in err and not (tmp_path / "logs" / "r" / "results.jsonl").exists()
+    code, err = main_in_process(*_args(tmp_path / "logs")[:-4])  # no --remote-sync
+    assert code == 1 and "--train-data: cannot reach s3://data/shards/00000.tar" in err.strip().splitlines()[-1], err
