@@ -49,12 +49,15 @@ from typing import Any, NamedTuple
 import braceexpand
 import torch
 import webdataset as wds
+from diffclip.training.remote import register_gopen_schemes
 from PIL import Image
 from torch.utils.data import get_worker_info
 
 from diffclip.errors import InputError, RunError
 from diffclip.images import IMAGE_EXTENSIONS
 from diffclip.runtime import stable_seed as _seed
+
+register_gopen_schemes()  # s3:// shards through fsspec (webdataset reads http(s)://, pipe:, gs:// itself)
 
 __all__ = ["IMAGE_EXTENSIONS", "CAPTION_EXTENSION", "expand_urls", "get_dataset_size", "SkipStats", "DataInfo",
            "get_wds_loader"]
