@@ -104,3 +104,22 @@ def test_unreachable_store_is_one_line_before_training(store, tmp_path, monkeypa
     assert "Traceback" not in err and not (tmp_path / "logs" / "r" / "results.jsonl").exists()
     code, err = main_in_process(*_args(tmp_path / "logs")[:-4])  # no --remote-sync
     assert code == 1 and "--train-data: cannot reach s3://data/shards/00000.tar" in err.strip().splitlines()[-1], err
+
+
+def test_remote_sync_copies_in_the_background_before_close(store, tmp_path):
+    import time
+
+    from diffclip.training.remote import RemoteSync
+
+    client, run = store["client"], tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / ".lock").write_text("1")
+    (run / "checkpoints" / "step_1.pt").write_bytes(b"one")
+    sync = RemoteSync(run, "s3://runs/bg/run", frequency=1)
+    deadline = time.time() + 30
+    while "bg/run/checkpoints/step_1.pt" not in _keys(client, "runs", "bg/") and time.time() < deadline:
+        time.sleep(0.1)
+    assert _keys(client, "runs", "bg/") == ["bg/run/checkpoints/step_1.pt"]  # by the thread; the lock stays here
+    (run / "results.jsonl").write_text("{}\n")
+    sync.close()  # the last copy
+    assert _keys(client, "runs", "bg/") == ["bg/run/checkpoints/step_1.pt", "bg/run/results.jsonl"]
