@@ -111,8 +111,10 @@ def _problem(words: list[str]) -> str | None:
     if missing:
         return f"no file {missing[0]}"
     prog, args = Path(words[0]).name, words[1:]
-    if prog == "nice":
-        return _problem(args)
+    if prog in ("nice", "srun"):  # launchers: the command they start is checked (srun's own flags first)
+        while args and args[0].startswith("-"):
+            args = args[1:]
+        return _problem(args) if args else None
     if prog in SHELL:
         return None
     if prog in ("python", "python3"):
