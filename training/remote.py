@@ -77,19 +77,22 @@ def check_remote(url: str, flag: str) -> None:
 
 def sync_folder(local: Path, remote: str, done: dict | None = None) -> int:
     """Copies the files of ``local`` that are new or changed (size, mtime) since ``done`` (updated in place) to
-    ``remote`` (same relative paths; files being written under a temporary name are copied once renamed).
-    Returns the number of files copied."""
+    ``remote`` (same relative paths; files being written under a temporary name are copied once renamed), oldest
+    first: the remote's modification times keep the order in which the checkpoints were written (see
+    :func:`fetch_latest`). Returns the number of files copied."""
     fs, root = _fs(remote)
     done = {} if done is None else done
     copied = 0
-    for p in sorted(Path(local).rglob("*")):
-        rel = p.relative_to(local).as_posix()
+    found = []
+    for p in Path(local).rglob("*"):
         if not p.is_file() or p.name in _SKIP or ".tmp" in p.name:
             continue
         try:
-            st = p.stat()
+            found.append((p.stat(), p))
         except FileNotFoundError:  # deleted meanwhile (--delete-previous-checkpoint)
             continue
+    for st, p in sorted(found, key=lambda f: (f[0].st_mtime_ns, str(f[1]))):
+        rel = p.relative_to(local).as_posix()
         key = (st.st_size, st.st_mtime_ns)
         if done.get(rel) == key:
             continue
@@ -143,11 +146,13 @@ class RemoteSync:
 
 def fetch_latest(remote: str, run_dir: Path) -> Path | None:
     """``--resume auto`` on a node without the run folder: copies the remote run folder ``remote`` (what
-    :class:`RemoteSync` wrote) into ``run_dir``: its newest checkpoint (the last one copied) and the other files (``results.jsonl``, ``params.txt``, the tracker's ids), not
-    TensorBoard events or older checkpoints. Returns the local checkpoint, None when the remote holds none.
+    :class:`RemoteSync` wrote) into ``run_dir``: its newest checkpoint (the last copied, with any copied within the
+    second before it, the store's time resolution; the trainer then takes the newest by step) and the other files
+    (``results.jsonl``, ``params.txt``, the wandb id), not TensorBoard events or older checkpoints. Returns the
+    last checkpoint fetched, None when the remote holds none.
 
     Raises:
-        diffclip.errors.InputError: the store cannot be reached (see :func:`check_remote`)."""
+        the store's own errors (:func:`check_remote` first turns an unreachable store into one line)."""
     fs, root = _fs(remote)
     root = root.rstrip("/")
     try:
@@ -162,16 +167,19 @@ def fetch_latest(remote: str, run_dir: Path) -> Path | None:
         t = info.get("LastModified") or info.get("mtime") or info.get("created") or 0
         return t.timestamp() if hasattr(t, "timestamp") else float(t)
 
-    newest = max(ckpts, key=mtime) if ckpts else None
-    for f in others + ([newest] if newest else []):
+    times = {f: mtime(f) for f in ckpts}
+    last = max(times.values(), default=0)
+    newest = sorted((f for f in ckpts if times[f] >= last - 1), key=times.get)  # S3 times are whole seconds
+    for f in others + newest:
         target = Path(run_dir) / f[len(root) + 1:]
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.fetch-{os.getpid()}")
         fs.get_file(f, str(tmp))
         os.replace(tmp, target)
-    if newest is None:
+    if not newest:
         return None
-    got = Path(run_dir) / newest[len(root) + 1:]
-    log.info("--resume auto: fetched %s from %s (%d other files)", got.name, remote, len(others))
+    got = Path(run_dir) / newest[-1][len(root) + 1:]
+    log.info("--resume auto: fetched %s from %s (%d other files)", ", ".join(f.rsplit("/", 1)[1] for f in newest),
+             remote, len(others))
     return got
 
