@@ -4,9 +4,11 @@ plain process. NCCL on CUDA, gloo on CPU; multi-node through torchrun's rendezvo
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import logging
+import multiprocessing
 import os
 import shutil
 import signal
@@ -176,11 +178,27 @@ class PreemptionSignal:
         self._previous = {}
 
 
+_KILL_WORKERS_AT_EXIT = False
+
+
+def _kill_blocked_workers() -> None:
+    """At exit, SIGKILLs the child processes still alive (data-loader workers left by an error): they block SIGTERM,
+    so multiprocessing's exit hook, which terminates daemonic children with SIGTERM and then joins them, would hang.
+    atexit runs hooks last-registered first, so this one runs before multiprocessing's."""
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(timeout=5)
+
+
 @contextlib.contextmanager
 def preemption_signals_blocked():
     """Blocks the preemption signals in this thread while data-loader workers are forked (they inherit the mask):
     torch's workers answer SIGTERM from anyone but their parent by dying, and torchrun sends it to the whole
     process group. A signal arriving meanwhile stays pending and is delivered (recorded) on leaving."""
+    global _KILL_WORKERS_AT_EXIT
+    if not _KILL_WORKERS_AT_EXIT:  # once: before multiprocessing's own exit hook, which would wait for them forever
+        atexit.register(_kill_blocked_workers)
+        _KILL_WORKERS_AT_EXIT = True
     old = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
     try:
         yield
