@@ -48,7 +48,7 @@ test-data:
 	  || echo "make test-data: could not apt-get install $(TEST_DEBS) (Fashion-MNIST tests will fail)" >&2
 
 test: lint test-data
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 demo: venv
 	scripts/demo.sh
