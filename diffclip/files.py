@@ -119,6 +119,29 @@ def save_torch(path: str | os.PathLike, obj: Any) -> None:
         torch.save(obj, f)
 
 
+def text_lines(path: str | os.PathLike, newline: str | None = None) -> Iterator[str]:
+    """The lines of a UTF-8 text file (for ``csv.reader`` too, with ``newline=""``). A byte that is not UTF-8
+    raises :class:`InputError` naming the file (a binary file given as a caption or class-name file), not a bare
+    ``UnicodeDecodeError``."""
+    try:
+        with open(path, encoding="utf-8", newline=newline) as f:
+            yield from f
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not a UTF-8 text file (byte {e.object[e.start]:#04x}: {e.reason})") from None
+
+
+def json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` of each non-blank line of a JSON Lines file; :class:`InputError` naming the file
+    and line for a line that is not JSON (and, through :func:`text_lines`, for a file that is not UTF-8)."""
+    for lineno, line in enumerate(text_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{lineno}: not a JSON object ({e.msg})") from None
+
+
 def check_writable(path: str | os.PathLike, what: str) -> Path:
     """Checks, before any work, that the file ``path`` can be written later: not a folder, and its nearest
     existing parent folder writable. Returns the path; raises ValueError naming ``what`` (e.g. ``--output``)."""

@@ -12,7 +12,7 @@ import json
 import os
 import struct
 import tarfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from diffclip.errors import InputError
+from diffclip.files import text_lines
 from diffclip.images import IMAGE_EXTENSIONS, decode_image, load_image
 
 
@@ -68,17 +69,6 @@ def read_lines(path: str | os.PathLike) -> list[str]:
     """Non-empty, stripped lines of a UTF-8 text file (class names, templates). Raises ValueError naming the file
     when it is not UTF-8 text."""
     return [ln.strip() for ln in text_lines(path) if ln.strip()]
-
-
-def text_lines(path: str | os.PathLike, newline: str | None = None) -> Iterator[str]:
-    """The lines of a UTF-8 text file (for ``csv.reader`` too, with ``newline=""``). A byte that is not UTF-8
-    raises ValueError naming the file (a binary file given as a caption or class-name file), not a bare
-    ``UnicodeDecodeError``."""
-    try:
-        with open(path, encoding="utf-8", newline=newline) as f:
-            yield from f
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not a UTF-8 text file (byte {e.object[e.start]:#04x}: {e.reason})") from None
 
 
 def exists_or_raise(path: Path, name: str, layout: str, is_dir: bool = True) -> Path:

@@ -18,6 +18,7 @@ from diffclip.eval.readers_base import (
 from diffclip.eval.readers_registry import REGISTRY, register
 
 from diffclip.errors import InputError, one_line
+from diffclip.files import json_lines
 
 # ---------------------------------------------------------------------------------------------------------------
 # Retrieval: Karpathy splits (COCO, Flickr30k, Flickr8k), CSV / JSONL
@@ -83,16 +84,10 @@ def _caption_rows(path: Path, fmt: str, keys: tuple[str, str], sep: str) -> list
     object per non-blank line); ValueError naming the file and line for any other row."""
     rows: list[tuple[int, dict]] = []
     if fmt == "jsonl":
-        for lineno, line in enumerate(text_lines(path), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not a JSON object ({e.msg})") from None
+        for lineno, obj in json_lines(path):
             if not isinstance(obj, dict) or not all(k in obj for k in keys):
                 raise InputError(f"{path}:{lineno}: expected an object with the keys {keys[0]!r} and {keys[1]!r}, "
-                                 f"got {line.strip()[:60]}")
+                                 f"got {json.dumps(obj)[:60]}")
             rows.append((lineno, obj))
         return rows
     reader = csv.reader(text_lines(path, newline=""), delimiter=sep)

@@ -21,6 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from diffclip.errors import InputError
+from diffclip.files import json_lines
 
 __all__ = ["Record", "SourceNotInstalled", "SkipSample", "EMOJI_TEMPLATES", "CLIPART_TEMPLATES", "SKIN_TONES",
            "DEFAULT_INPUTS", "emoji_name", "emoji_caption", "read_csv_source", "read_emoji_source",
@@ -85,19 +86,12 @@ def read_csv_source(path: str | os.PathLike) -> list[Record]:
     rows: list[tuple[str, str, dict]] = []
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exn:
-                    raise InputError(f"{path}:{lineno}: not a JSON object ({exn.msg})") from None
-                pcol, ccol = _pick_column(list(obj), _PATH_COLUMNS), _pick_column(list(obj), _CAPTION_COLUMNS)
-                if pcol is None or ccol is None:
-                    raise InputError(f"{path}:{lineno}: needs a path and a caption key (e.g. filepath, caption); "
-                                     f"keys found: {', '.join(obj)}")
-                rows.append((str(obj[pcol]), str(obj[ccol] or ""), {k: v for k, v in obj.items() if k not in (pcol, ccol)}))
+        for lineno, obj in json_lines(path):
+            pcol, ccol = _pick_column(list(obj), _PATH_COLUMNS), _pick_column(list(obj), _CAPTION_COLUMNS)
+            if pcol is None or ccol is None:
+                raise InputError(f"{path}:{lineno}: needs a path and a caption key (e.g. filepath, caption); "
+                                 f"keys found: {', '.join(obj)}")
+            rows.append((str(obj[pcol]), str(obj[ccol] or ""), {k: v for k, v in obj.items() if k not in (pcol, ccol)}))
     else:
         delimiter = "\t" if suffix in (".tsv", ".tab") else ","
         with open(path, encoding="utf-8", newline="") as f:
