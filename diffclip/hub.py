@@ -37,7 +37,7 @@ from safetensors.torch import load_file
 
 from .errors import InputError, WeightsMismatchError, one_line
 from .hf_clip import check_hf_config, hf_clip_to_open_clip, is_hf_clip_state_dict
-from .open_clip_format import OPEN_CLIP_CONFIG, check_open_clip_config
+from .open_clip_format import OPEN_CLIP_CONFIG, VISION_BLOCK_NAMES, check_open_clip_config
 
 __all__ = ["HF_HUB_PREFIX", "RELEASES", "CHECKPOINT_SAFE_GLOBALS", "download", "resolve_pretrained", "torch_load", "check_state_dict",
            "read_state_dict", "convert_open_clip_state_dict", "load_state_dict", "load_pretrained"]
@@ -308,7 +308,7 @@ def convert_open_clip_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch
     are dropped.
     """
     out: dict[str, torch.Tensor] = {}
-    vis_block = {"ln_1": "norm1", "ln_2": "norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2", "attn.out_proj": "attn.out_proj"}
+    vis_block = {theirs: ours for ours, theirs in VISION_BLOCK_NAMES.items()}
     for k, v in sd.items():
         if k in ("input_resolution", "context_length", "vocab_size") or k.endswith("attn_mask"):
             continue

@@ -28,7 +28,8 @@ __all__ = ["OPEN_CLIP_CONFIG", "OPEN_CLIP_WEIGHTS", "open_clip_model_cfg", "to_o
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
-_VISION_BLOCK = {"norm1": "ln_1", "norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+#: our vision-block parameter names -> open_clip's (hub.convert_open_clip_state_dict reads it backwards)
+VISION_BLOCK_NAMES = {"norm1": "ln_1", "norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
 
 
 def open_clip_model_cfg(config: dict, name: str = "this model") -> dict:
@@ -84,7 +85,7 @@ def to_open_clip_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
             k = "visual.ln_post." + k[len("visual.norm."):]
         elif k.startswith("visual.blocks."):
             idx, name = k[len("visual.blocks."):].split(".", 1)
-            for ours, theirs in _VISION_BLOCK.items():
+            for ours, theirs in VISION_BLOCK_NAMES.items():
                 if name.startswith(ours + "."):
                     name = theirs + name[len(ours):]
                     break
