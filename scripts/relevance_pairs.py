@@ -2,7 +2,9 @@
 white 64 px canvas (each 32 px, vertically centred), both orders; each emoji's name is asked as a query ("an emoji of
 <name>") and the relevance (Chefer et al. 2021, ``diffclip.eval.relevance``) on the query's half of the patch grid
 is compared with the other half. Run over every ``<runs>/<model>-seed<k>/final_model`` of a study: per model, the
-share of cases the query's half wins, a one-sided binomial test against chance, and the mean relevance masses.
+share of cases the query's half wins, a one-sided binomial test against chance, and the mean relevance masses. The
+relevance is the library's rule (``text_query_relevance``: by default Chefer's CLIP notebook, the last block only and
+the score ``exp(logit_scale)·cos``; ``--start-layer 0`` propagates through every block), recorded in the JSON.
 
     python scripts/relevance_pairs.py study_out/emoji_clipart/runs data/sources/emoji-datasource-twitter \
         --output study_out/emoji_clipart/relevance_pairs.json
@@ -11,6 +13,7 @@ share of cases the query's half wins, a one-sided binomial test against chance, 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import re
 from pathlib import Path
@@ -28,6 +31,7 @@ from diffclip.files import check_writable, write_json
 
 PAIRS = [("tomato", "rocket"), ("cat", "car"), ("dog", "pizza"), ("penguin", "bus"), ("apple", "airplane"),
          ("banana", "umbrella")]
+START_LAYER = inspect.signature(text_query_relevance).parameters["start_layer"].default  # the library's default
 
 
 def _emoji(source: Path, pairs: list[tuple[str, str]]) -> dict[str, Image.Image]:
@@ -56,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("emoji", type=Path, help="the Twitter emoji package (scripts/get_demo_data.sh)")
     p.add_argument("--pairs", nargs="+", default=[f"{a}:{b}" for a, b in PAIRS],
                    help="emoji short names to pair, as a:b (default: %(default)s)")
+    p.add_argument("--start-layer", type=int, default=START_LAYER,
+                   help="the first block the relevance is propagated through (Chefer's start_layer): -1 the last "
+                        "block only (as Chefer's CLIP notebook), 0 every block (default: %(default)s, the library's)")
     p.add_argument("--output", type=Path, default=None, help="JSON of the per-model counts")
     args = p.parse_args(argv)
     pairs = [tuple(x.split(":", 1)) for x in args.pairs]
@@ -78,9 +85,12 @@ def main(argv: list[str] | None = None) -> int:
             for left, right in ((a, b), (b, a)):
                 x = preprocess(_canvas(emoji[left], emoji[right]))[None]
                 for query, own in ((left, slice(0, half)), (right, slice(half, None))):
-                    rel = text_query_relevance(model, x, tokenizer([f"an emoji of {query}"]))
+                    rel = text_query_relevance(model, x, tokenizer([f"an emoji of {query}"]),
+                                               start_layer=args.start_layer)
                     mine = rel[:, own].sum().item()
                     cases.setdefault(name, []).append((mine, rel.sum().item() - mine))
+    blocks = "the last block" if args.start_layer == -1 else f"blocks {args.start_layer}+"
+    print(f"relevance: Chefer et al. 2021 through {blocks}, score exp(logit_scale)·cos")
     summary = {}
     for name, masses in cases.items():
         wins = sum(o > t for o, t in masses)
@@ -92,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: query's half wins {wins}/{len(masses)} ({100 * s['share']:.0f} %, binomial p = "
               f"{s['p_value']:.2g}); mean relevance {s['mean_mass_query']:.2f} vs {s['mean_mass_other']:.2f}")
     if args.output:
-        write_json(args.output, {"pairs": pairs, "runs": [r.name for r in runs], "models": summary})
+        rule = {"method": "Chefer et al. 2021", "start_layer": args.start_layer,
+                "score": "exp(logit_scale) * cosine(image, query)"}
+        write_json(args.output, {"pairs": pairs, "runs": [r.name for r in runs], "relevance": rule,
+                                 "models": summary})
     return 0
 
 
