@@ -133,3 +133,45 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     random.seed(s)
     np.random.seed(s % 2**32)
     torch.manual_seed(s)
+
+
+ENVIRONMENT_PACKAGES = ("diffclip", "torch", "torchvision", "timm", "open_clip_torch", "numpy", "scipy",
+                        "scikit-learn", "webdataset", "pillow")
+
+
+def environment(packages: tuple[str, ...] = ENVIRONMENT_PACKAGES) -> dict:
+    """What a measured number depends on besides the code: ``{"date": ISO-8601 UTC, "cpu": model name (from
+    /proc/cpuinfo where there is one), "cpu_count", "torch_threads", "load_average": the 1-min load average or
+    None, "platform", "python", "cuda": device name or None, "packages": {distribution: version or None}}``."""
+    import datetime
+    import os
+    import platform
+    from importlib import metadata
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "platform": platform.platform(), "python": platform.python_version(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "packages": versions}
+
+
+def describe_environment(env: dict) -> str:
+    """One line for a results table: ``2026-12-04, AMD EPYC 7B13 (2 CPUs, load 0.1), Linux-..., Python 3.12.3;
+    torch 2.14.1, timm 1.0.24, ...`` from :func:`environment`'s dict."""
+    load = f", load {env['load_average']:.1f} at start" if env.get("load_average") is not None else ""
+    gpu = f", {env['cuda']}" if env.get("cuda") else ""
+    pkgs = ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v)
+    return (f"{env['date'][:10]}, {env['cpu']} ({env['cpu_count']} CPUs{load}){gpu}, {env['platform']}, "
+            f"Python {env['python']}; {pkgs}")

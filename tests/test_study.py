@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,8 @@ def _finetune_study(path: Path, data: Path, **extra) -> Path:
     path.write_text(json.dumps(study))
     return path
 
+TORCH = version("torch")  # the installed distribution's version, as the study's environment.json records it
+
 
 def _driver(study_file, *extra, **kw):
     return subprocess.Popen([sys.executable, str(ROOT / "training" / "study.py"), str(study_file), "--no-progress",
@@ -89,6 +92,8 @@ def test_paired_test_by_hand():
     assert t["delta"] == pytest.approx(0.1) and t["delta_std"] == pytest.approx(0.1)
     # t = mean / (sd / sqrt(n)) = 0.1 / (0.1 / sqrt 3) = 1.732 with 2 degrees of freedom -> p = 0.2254
     assert t["p_value"] == pytest.approx(0.2254, abs=1e-4)
+    # 95 % interval: 0.1 ± t(0.975, 2) * 0.1 / sqrt 3 = 0.1 ± 4.3027 * 0.05774 = [-0.1484, 0.3484]
+    assert (t["ci_low"], t["ci_high"]) == pytest.approx((-0.1484, 0.3484), abs=1e-4)
     assert paired_test([0.5], [0.4])["p_value"] is None
 
 
@@ -141,6 +146,11 @@ def test_study_killed_and_rerun_finishes_without_redoing(study_file):
                 ["image_retrieval_recall@5"] for s in (0, 1)]
         assert cell["values"] == vals and cell["mean"] == pytest.approx(np.mean(vals))
     assert "| ret_digits | image_retrieval_recall@5 |" in stdout
+    t = diff["vs_baseline"]  # the headline: the 95 % t-interval over the 2 seeds, printed beside the Δ
+    assert t["ci_low"] <= t["delta"] <= t["ci_high"] and f"[{100 * t['ci_low']:+.2f}, {100 * t['ci_high']:+.2f}]" in stdout
+    (call,) = json.loads((out / "environment.json").read_text())  # the killed call recorded nothing; this one did
+    assert call["jobs_run"] == sum(v != "done" for v in status.values()) and call["environment"]["packages"]["torch"] == TORCH
+    assert f"torch {TORCH}" in stdout and "Made by `python training/study.py" in stdout
 
     # a third call has nothing to do, and --report-only rebuilds the same table from the files alone
     logs = sorted((out / "logs").iterdir())

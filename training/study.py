@@ -54,6 +54,8 @@ from pathlib import Path
 
 from diffclip.cli import ArgumentParser, UsageError, positive_int, run, setup_logging
 from diffclip.errors import DiffclipError, RunError
+from diffclip.files import write_json
+from diffclip.runtime import environment
 
 log = logging.getLogger("diffclip.study")
 ROOT = Path(__file__).resolve().parents[1]
@@ -398,6 +400,18 @@ def execute(study: dict, jobs: list[dict], n_jobs: int = 1, progress: bool = Tru
     return failures
 
 
+def record_call(study: dict, run_info: dict, env: dict, jobs_run: int) -> None:
+    """Appends this call of the driver to ``<output>/environment.json`` (a list, one entry per call that ran jobs or
+    found the file missing): its command, wall time (s), jobs run, and :func:`diffclip.runtime.environment` taken
+    at its start, so the summary can say on which machine and package versions its numbers were made."""
+    path = Path(study["output"]) / "environment.json"
+    calls = json.loads(path.read_text()) if path.is_file() else []
+    if jobs_run or not calls:
+        calls.append({"command": run_info["command"], "wall_time_s": round(run_info["wall_time"], 1),
+                      "jobs_run": jobs_run, "failures": len(run_info["failures"]), "environment": env})
+        write_json(path, calls)
+
+
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="Train and evaluate every model x seed of a study file, then summarise it.")
     p.add_argument("study", help="study file (JSON), e.g. studies/emoji_clipart.json")
@@ -427,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
 
     failures = []
     t0 = time.time()
+    env, todo = environment(), 0
     if not args.report_only:
         todo = sum(j["status"] != "done" for j in jobs)
         log.info("study %s: %d jobs, %d to run, %d in parallel -> %s", study["name"], len(jobs), todo, args.jobs,
@@ -434,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
         failures = execute(study, jobs, args.jobs, progress=not args.no_progress)
     run_info = None if args.report_only else {"wall_time": time.time() - t0, "jobs": args.jobs, "failures": failures,
                                                "command": " ".join(["python training/study.py", *(sys.argv[1:] if argv is None else argv)])}
+    if run_info:
+        record_call(study, run_info, env, todo)
     summary = write_summary(study, jobs, run_info)
     print(summary["markdown"])
     if failures:

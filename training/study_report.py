@@ -1,12 +1,13 @@
 """The summary of a study (training/study.py) from its result files alone: per evaluation metric and model the
-values over seeds, mean ± std (sample std, n-1), and against the baseline the mean paired difference with a
-two-sided paired t-test over seeds (scipy.stats.ttest_rel; needs >= 2 seeds) and, where the result files hold
-per-sample outcomes (``per_sample``, in each result file's sidecar), a paired bootstrap over the evaluation samples (:func:`paired_bootstrap`), so
-the table says which differences are beyond seed noise (p < 0.05) and beyond sampling noise (a 95 % interval
-without 0); then the paper's tables and figures (:mod:`diffclip.eval.report`, first model =
-the baseline of Figure 1) in ``<output>/report``. A finetune study's summary is its table (:func:`finetune_rows`):
-per model the parameters, top-1 over seeds (mean ± std) beside a reference value, top-5 and time per run, from
-the runs' ``results.json``."""
+values over seeds, mean ± std (sample std, n-1), and against the baseline the mean paired difference with its 95 %
+t-interval over seeds and the two-sided paired t-test (scipy.stats; needs >= 2 seeds: the headline, training
+noise) and, where the result files hold per-sample outcomes (``per_sample``, in each result file's sidecar), a
+paired bootstrap over the evaluation samples (:func:`paired_bootstrap`: the secondary test, evaluation-set noise
+of these trained models only); under the table the machine and package versions of the driver's calls
+(``environment.json``, written by training/study.py); then the paper's tables and figures
+(:mod:`diffclip.eval.report`, first model = the baseline of Figure 1) in ``<output>/report``. A finetune study's
+summary is its table (:func:`finetune_rows`): per model the parameters, top-1 over seeds (mean ± std) beside a
+reference value, top-5 and time per run, from the runs' ``results.json``."""
 
 from __future__ import annotations
 
@@ -35,17 +36,23 @@ def collect(jobs: list[dict]) -> dict:
 
 
 def paired_test(a: list[float], b: list[float]) -> dict:
-    """Mean and std of ``a - b`` over paired seeds and the two-sided paired t-test's p-value (None below 2 pairs,
-    and 1.0 when every difference is equal to the same value 0)."""
+    """The difference ``a - b`` over paired seeds: its mean (``delta``), std (n-1), the 95 % Student t-interval of
+    the mean (``ci_low``/``ci_high``: ``delta ± t(0.975, n-1)·std/√n``, the spread a new set of seeds would show)
+    and the two-sided paired t-test's p-value (``scipy.stats.ttest_rel``; the interval excludes 0 exactly when
+    p < 0.05). Below 2 pairs the std, interval and p-value are None; when every difference is the same value the
+    interval is that value and p is 1.0 (all 0) or 0.0."""
     d = [x - y for x, y in zip(a, b)]
     res = {"n": len(d), "delta": statistics.fmean(d) if d else math.nan,
-           "delta_std": statistics.stdev(d) if len(d) > 1 else None, "p_value": None}
+           "delta_std": statistics.stdev(d) if len(d) > 1 else None, "p_value": None, "ci_low": None, "ci_high": None}
     if len(d) > 1:
+        from scipy.stats import t as student_t
+        from scipy.stats import ttest_rel
+
+        half = float(student_t.ppf(0.975, len(d) - 1)) * res["delta_std"] / math.sqrt(len(d))
+        res["ci_low"], res["ci_high"] = res["delta"] - half, res["delta"] + half
         if statistics.pstdev(d) == 0:
             res["p_value"] = 1.0 if d[0] == 0 else 0.0
         else:
-            from scipy.stats import ttest_rel
-
             res["p_value"] = float(ttest_rel(a, b).pvalue)
     return res
 
@@ -103,12 +110,19 @@ def summarise(study: dict, found: dict) -> list[dict]:
     return rows
 
 
-def markdown(study: dict, rows: list[dict]) -> str:
+def markdown(study: dict, rows: list[dict], calls: list[dict] | None = None) -> str:
+    """The study's table in Markdown: per model mean ± std over seeds, and for each model against the baseline the
+    mean paired difference with its 95 % t-interval over seeds (the headline: ``*`` where it excludes 0) and ``‡``
+    where the paired bootstrap over the evaluation samples excludes 0 (the secondary, evaluation-noise test); then
+    the driver's recorded calls (``environment.json``: command, wall time, machine, package versions)."""
     models, base = labels(study), study["baseline"]
     head = ["evaluation", "metric", *models]
-    lines = [f"Study `{study['name']}`: mean ± std over seeds {study['seeds']}; Δ vs {base} (mean paired "
-             "difference), * where the paired t-test over seeds gives p < 0.05, ‡ where the 95 % interval of a "
-             "paired bootstrap over the evaluation samples excludes 0.", "",
+    lines = [f"Study `{study['name']}`: mean ± std over seeds {study['seeds']}, in %. In brackets, Δ vs {base}: the "
+             "mean paired difference over seeds and its 95 % t-interval over seeds (training noise: where a new set "
+             "of seeds would put the mean difference); * where that interval excludes 0 (paired t-test p < 0.05). "
+             "‡ (secondary) where the 95 % interval of a paired bootstrap over the evaluation samples excludes 0: "
+             "it measures only the evaluation sets' sampling noise for these particular trained models, not "
+             "whether the difference would reappear with other seeds or on another machine.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["eval"], r["metric"]]
@@ -123,11 +137,22 @@ def markdown(study: dict, rows: list[dict]) -> str:
                 star = "*" if t["p_value"] is not None and t["p_value"] < 0.05 else ""
                 boot = t.get("bootstrap")
                 star += "‡" if boot and (boot["ci_low"] > 0 or boot["ci_high"] < 0) else ""
-                text += f" ({100 * t['delta']:+.2f}{star})"
+                ci = (f" [{100 * t['ci_low']:+.2f}, {100 * t['ci_high']:+.2f}]" if t.get("ci_low") is not None
+                      else "")
+                text += f" (Δ {100 * t['delta']:+.2f}{ci}{star})"
             cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Values in % (metrics are fractions in the result files).")
+    if calls:
+        from diffclip.runtime import describe_environment
+
+        lines.append("")
+        for c in calls:
+            lines.append(f"Made by `{c['command']}` ({c['jobs_run']} jobs, {c['wall_time_s'] / 60:.1f} min): "
+                         f"{describe_environment(c['environment'])}.")
+    else:
+        lines += ["", "Machine and package versions: not recorded (no environment.json beside the results)."]
     return "\n".join(lines)
 
 
@@ -183,9 +208,11 @@ def write_summary(study: dict, jobs: list[dict], run_info: dict | None = None) -
         return _write_table(study, jobs, run_info)
     found = collect(jobs)
     rows = summarise(study, found)
+    env_file = out / "environment.json"
+    calls = json.loads(env_file.read_text()) if env_file.is_file() else []
     summary = {"study": study["name"], "models": labels(study), "baseline": study["baseline"],
                "seeds": study["seeds"], "rows": rows, "wall_time_s": run_info and run_info["wall_time"],
-               "markdown": markdown(study, rows)}
+               "calls": calls, "markdown": markdown(study, rows, calls)}
     per_model = {m: [(seed, rec) for runs in found.values() for seed, rec in runs.get(m, {}).items()]
                  for m in labels(study)}
     if sum(bool(v) for v in per_model.values()) > 1:  # the paper's tables and figures, mean ± std over seeds
