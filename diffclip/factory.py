@@ -113,7 +113,40 @@ def create_model(name: str, pretrained: str | None = None, device: str | torch.d
     return model.to(device) if device is not None else model
 
 
-def image_transform(preprocess_cfg: dict, image_size: int, is_train: bool) -> T.Compose:
+def _channels(values, what: str) -> tuple[float, float, float]:
+    """3 per-channel values from 3 floats or 1 (for all channels); InputError naming ``what`` otherwise."""
+    values = tuple(float(v) for v in ((values,) if isinstance(values, (int, float)) else values))
+    if len(values) not in (1, 3):
+        raise InputError(f"{what}: expected 3 values (R, G, B) or 1 for all channels, got {len(values)}: {values}")
+    if what == "image_std" and min(values) <= 0:
+        raise InputError(f"image_std: expected positive values, got {values}")
+    return values * 3 if len(values) == 1 else values
+
+
+def _augmentation_cfg(preprocess_cfg: dict, aug_cfg=None):
+    """open_clip's ``AugmentationCfg`` of the train transform: the config's ``train_scale`` (DiffCLIP: (0.5, 1))
+    with the fields of ``aug_cfg`` (a dict of ``AugmentationCfg`` fields, e.g. ``{"scale": (0.8, 1.0),
+    "color_jitter": (0.4, 0.4, 0.4, 0.1), "color_jitter_prob": 0.8, "use_timm": True}``, or an ``AugmentationCfg``
+    taken as it is) over it.
+
+    Raises:
+        InputError (ValueError): a key that is not an ``AugmentationCfg`` field (the message names it and the
+        fields)."""
+    from dataclasses import fields
+
+    from open_clip.transform import AugmentationCfg
+
+    if isinstance(aug_cfg, AugmentationCfg):
+        return aug_cfg
+    known = [f.name for f in fields(AugmentationCfg)]
+    unknown = [k for k in (aug_cfg or {}) if k not in known]
+    if unknown:
+        raise InputError(f"aug_cfg: unknown key {unknown[0]!r}; open_clip's AugmentationCfg has {', '.join(known)}")
+    return AugmentationCfg(**{"scale": tuple(preprocess_cfg.get("train_scale", (0.5, 1.0))), **(aug_cfg or {})})
+
+
+def image_transform(preprocess_cfg: dict, image_size: int, is_train: bool, image_mean=None, image_std=None,
+                    aug_cfg=None) -> T.Compose:
     """The CLIP image transforms, PIL image -> (3, image_size, image_size) float32 tensor: open_clip's
     ``image_transform`` with the config's settings.
 
@@ -121,24 +154,39 @@ def image_transform(preprocess_cfg: dict, image_size: int, is_train: bool) -> T.
     ``AugmentationCfg(scale=...)``); eval: ``Resize(image_size)`` + ``CenterCrop(image_size)`` (``resize_mode``
     "shortest"). Both convert to RGB and normalise with the config's ``mean`` and ``std`` (ImageNet statistics for
     the DiffCLIP release, OpenAI's for open_clip weights); bicubic unless the config says otherwise.
+
+    Overrides, as open_clip's ``create_model_and_transforms`` takes them: ``image_mean``, ``image_std`` (3 floats,
+    or 1 for all channels) replace the config's normalisation in both transforms; ``aug_cfg`` (train only;
+    a dict of open_clip's ``AugmentationCfg`` fields, or an ``AugmentationCfg``) is merged over the
+    config's ``train_scale``; ``use_timm=True`` builds timm's ``create_transform``, as in open_clip.
+
+    Raises:
+        InputError (ValueError): ``image_mean``/``image_std`` of another length than 3 or 1, a ``image_std`` that
+        is not positive, an unknown ``aug_cfg`` key, or ``aug_cfg`` values that open_clip/timm refuse.
     """
-    from open_clip.transform import AugmentationCfg
     from open_clip.transform import image_transform as open_clip_image_transform
 
-    mean, std = preprocess_cfg.get("mean", (0.485, 0.456, 0.406)), preprocess_cfg.get("std", (0.229, 0.224, 0.225))
-    aug = AugmentationCfg(scale=tuple(preprocess_cfg.get("train_scale", (0.5, 1.0)))) if is_train else None
-    return open_clip_image_transform(image_size, is_train=is_train, mean=tuple(mean), std=tuple(std),
-                                     interpolation=preprocess_cfg.get("interpolation", "bicubic"),
-                                     resize_mode="shortest", aug_cfg=aug)
+    mean = _channels(preprocess_cfg.get("mean", (0.485, 0.456, 0.406)) if image_mean is None else image_mean,
+                     "image_mean")
+    std = _channels(preprocess_cfg.get("std", (0.229, 0.224, 0.225)) if image_std is None else image_std,
+                    "image_std")
+    aug = _augmentation_cfg(preprocess_cfg, aug_cfg) if is_train else None
+    try:
+        return open_clip_image_transform(image_size, is_train=is_train, mean=mean, std=std,
+                                         interpolation=preprocess_cfg.get("interpolation", "bicubic"),
+                                         resize_mode="shortest", aug_cfg=aug)
+    except (TypeError, ValueError, AssertionError) as e:  # values of the right keys that torchvision/timm refuse
+        raise InputError(f"aug_cfg {aug_cfg}: {' '.join(str(e).split()) or type(e).__name__}") from None
 
 
 def create_model_and_transforms(name: str, pretrained: str | None = None, device: str | torch.device | None = None,
-                                **model_kwargs):
+                                image_mean=None, image_std=None, aug_cfg=None, **model_kwargs):
     """``(model, preprocess_train, preprocess_val)`` as in open_clip; see :func:`create_model` (which takes
-    ``model_kwargs``) and :func:`image_transform`."""
+    ``model_kwargs``) and :func:`image_transform` (``image_mean``, ``image_std``: both transforms; ``aug_cfg``: the
+    train transform)."""
     model = create_model(name, pretrained=pretrained, device=device, **model_kwargs)
-    return (model, image_transform(model.preprocess_cfg, model.image_size, True),
-            image_transform(model.preprocess_cfg, model.image_size, False))
+    return (model, image_transform(model.preprocess_cfg, model.image_size, True, image_mean, image_std, aug_cfg),
+            image_transform(model.preprocess_cfg, model.image_size, False, image_mean, image_std))
 
 
 def get_tokenizer(name: str) -> SimpleTokenizer:

@@ -112,7 +112,8 @@ def save_checkpoint(path: str | Path, state, batches_done: int, info: DistInfo, 
                 "step": state.step, "epoch": state.epoch if epoch is None else epoch, "batches_done": batches_done,
                 "rng": rngs, "world_size": info.world_size, "model_name": state.args.model,
                 "model_config": getattr(model, "model_config", None),
-                "args": {k: v for k, v in vars(state.args).items() if isinstance(v, (str, int, float, bool, type(None)))},
+                "args": {k: v for k, v in vars(state.args).items()
+                         if isinstance(v, (str, int, float, bool, type(None), list, tuple, dict))},  # --aug-cfg: dict
                 **(extra or {})}
         save_torch(path, ckpt)
         log.info("saved checkpoint %s (step %d, epoch %d, %d batches into it)", path, state.step, ckpt["epoch"],

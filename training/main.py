@@ -85,6 +85,11 @@ def _broadcast(obj, info: DistInfo):
     return box[0]
 
 
+def _first_error(error: str | None, info: DistInfo) -> str | None:
+    """The first of the errors the ranks hold (None when none does); a collective that every rank calls."""
+    return next((e for e in _gather(error, info) if e), None)
+
+
 def default_name(args) -> str:
     date = datetime.now().strftime("%Y_%m_%d-%H_%M_%S")
     model = args.model.replace("/", "_").replace(":", "_")
@@ -105,13 +110,18 @@ def _stats_dict(stats) -> dict:
     return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _sum_over_ranks(d: dict, info: DistInfo) -> dict:
+def _gather(obj, info: DistInfo) -> list:
+    """``obj`` of every rank, in rank order (a collective that every rank calls)."""
     if not info.distributed:
-        return d
+        return [obj]
     out: list = [None] * info.world_size
-    dist.all_gather_object(out, d)
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _sum_over_ranks(d: dict, info: DistInfo) -> dict:
     total: dict = {}
-    for part in out:
+    for part in _gather(d, info):
         for k, v in part.items():
             total[k] = total.get(k, 0) + v
     return total
@@ -244,6 +254,11 @@ def check_resume(ckpt: dict, path: Path, args, info: DistInfo, steps_per_epoch: 
     then = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
     was_batch, was_world = then.get("batch_size", args.batch_size), ckpt.get("world_size", info.world_size)
     where = f"--resume {path}"
+    for key in ("image_mean", "image_std", "aug_cfg"):  # the preprocessing of the run (absent in older checkpoints)
+        if key in then and then[key] != getattr(args, key):
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(f"{where}: written with {flag} {then[key]}, this run has {getattr(args, key)}: give the "
+                             f"checkpoint's {flag} to continue its run")
     if done > per_epoch or done % args.accum_freq:
         raise UsageError(f"{where}: batches_done {done} is not a data position of this run (epochs of {per_epoch} "
                          f"batches of {args.batch_size}, --accum-freq {args.accum_freq})")
@@ -348,8 +363,16 @@ def _locked_train(args, preemption: PreemptionSignal) -> int:
 
         check_remote(args.remote_sync, "--remote-sync")
         remote_run = f"{args.remote_sync.rstrip('/')}/{name}"
-        if args.resume == "auto" and info.is_master and not any((run_dir / "checkpoints").glob("*.pt")):
-            fetch_latest(remote_run, run_dir)
+        if args.resume == "auto":  # every node's local rank 0, into its own disk; the others wait (one collective)
+            error = None
+            if info.local_rank == 0 and not any((run_dir / "checkpoints").glob("*.pt")):
+                try:
+                    fetch_latest(remote_run, run_dir)
+                except Exception as e:  # the store's own errors: one line on every rank, no rank left waiting
+                    error = f"--resume auto: fetching from {remote_run} failed: {one_line(e)}"
+            error = _first_error(error, info)
+            if error:
+                raise UsageError(error)
     # ---- the run folder, locked for the run's life before any slow work ----
     lock, made = take_run_folder(run_dir, args, info)
     progress = {"steps": 0}
@@ -407,7 +430,8 @@ def _train(args, info: DistInfo, run_dir: Path, progress: dict, preemption: Pree
     try:
         siglip = dict(init_logit_scale=SigLipLoss.INIT_LOGIT_SCALE, init_logit_bias=SigLipLoss.INIT_LOGIT_BIAS)
         model, preprocess_train, preprocess_val = diffclip.create_model_and_transforms(
-            args.model, pretrained=args.pretrained, **(siglip if args.siglip else {}))
+            args.model, pretrained=args.pretrained, image_mean=args.image_mean, image_std=args.image_std,
+            aug_cfg=args.aug_cfg, **(siglip if args.siglip else {}))
     except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
         raise UsageError(f"--pretrained {args.pretrained}: {one_line(e)}" if args.pretrained is not None
                          else f"--model: {one_line(e)}") from None
@@ -467,6 +491,12 @@ def _train(args, info: DistInfo, run_dir: Path, progress: dict, preemption: Pree
                 check_optimizer_state(ckpt["optimizer"], optimizer, f"checkpoint {path.name}")
         except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
             raise UsageError(f"--resume {args.resume}: {one_line(e)}") from None
+        if resume_latest:  # each node found its own copy (no shared disk): every rank continues the same one
+            found = _gather(path.name if path is not None else None, info)
+            if len(set(found)) > 1:
+                raise UsageError(f"--resume {args.resume}: the ranks found different newest checkpoints in their "
+                                 f"{run_dir / 'checkpoints'} ({', '.join(f'rank {r}: {n}' for r, n in enumerate(found))})"
+                                 f": remove the stale run folders of the other nodes")
         if ckpt is not None:
             check_resume(ckpt, path, args, info, steps_per_epoch)
 
@@ -505,6 +535,7 @@ def _train(args, info: DistInfo, run_dir: Path, progress: dict, preemption: Pree
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[info.device] if info.device.type == "cuda" else None,
             static_graph=args.ddp_static_graph)
+        log.info("DistributedDataParallel(static_graph=%s)", ddp_model.static_graph)
     if args.torchcompile:
         log.info("compiling the model with torch.compile")
         ddp_model = torch.compile(ddp_model)

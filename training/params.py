@@ -4,11 +4,29 @@ them."""
 from __future__ import annotations
 
 import argparse
+import ast
 
 from diffclip.cli import ArgumentParser, nonneg_float, nonneg_int, positive_float, positive_int, unit_interval
 from diffclip.runtime import PRECISION_HELP, PRECISIONS
 
-__all__ = ["parse_args", "build_parser"]
+__all__ = ["parse_args", "build_parser", "ParseKwargs"]
+
+
+class ParseKwargs(argparse.Action):
+    """open_clip's ``--aug-cfg KEY=VALUE ...``: a dict, each value read as a Python literal (``(0.8,1.0)``,
+    ``0.5``, ``True``) or else kept as a string."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        kw = {}
+        for item in values:
+            key, eq, value = item.partition("=")
+            if not eq or not key:
+                raise argparse.ArgumentError(self, f"expected KEY=VALUE, got {item!r}")
+            try:
+                kw[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                kw[key] = value
+        setattr(namespace, self.dest, kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lock-text-unlocked-layers", type=nonneg_int, default=0, help="with --lock-text: leave the "
                    "last n layer groups trainable (open_clip's groups)")
     g.add_argument("--ddp-static-graph", action="store_true", help="DistributedDataParallel(static_graph=True)")
+    g.add_argument("--image-mean", type=float, nargs="+", default=None, metavar="MEAN", help="normalisation mean "
+                   "(3 floats, or 1 for all channels) instead of the model config's, in the train and val transforms")
+    g.add_argument("--image-std", type=float, nargs="+", default=None, metavar="STD", help="normalisation std, "
+                   "as --image-mean")
+    g.add_argument("--aug-cfg", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE", help="training "
+                   "augmentation: fields of open_clip's AugmentationCfg over the config's, e.g. scale='(0.8,1.0)' "
+                   "color_jitter='(0.4,0.4,0.4,0.1)' color_jitter_prob=0.8 gray_scale_prob=0.2, or use_timm=True "
+                   "re_prob=0.25 (timm's create_transform)")
 
     g = p.add_argument_group("data")
     g.add_argument("--train-data", default=None, help="training shards: brace expansion, '::' joins sources, "
@@ -125,6 +151,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--lock-image-unlocked-groups needs --lock-image")
     if args.lock_text_unlocked_layers and not args.lock_text:
         parser.error("--lock-text-unlocked-layers needs --lock-text")
+    try:  # the transform of these flags builds and runs on an image (unknown --aug-cfg keys, wrong lengths or types)
+        from PIL import Image
+
+        from diffclip.factory import image_transform
+
+        transform = image_transform({}, 32, True, args.image_mean, args.image_std, args.aug_cfg)
+        transform(Image.new("RGB", (48, 40)))
+    except ValueError as e:
+        message = str(e)
+        for key in ("image_mean", "image_std", "aug_cfg"):
+            if message.startswith(key):
+                message = "--" + key.replace("_", "-") + message[len(key):]
+        parser.error(" ".join(message.split()))
+    except (TypeError, AssertionError) as e:  # a value torchvision/timm take but cannot apply (scale='abc')
+        parser.error(f"--aug-cfg {args.aug_cfg}: {' '.join(str(e).split()) or type(e).__name__}")
     if args.name is not None and ("/" in args.name or args.name in ("", ".", "..")):
         parser.error(f"--name must be a plain folder name, got {args.name!r}")
     return args
