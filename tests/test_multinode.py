@@ -1,7 +1,7 @@
 """The multi-node paths as they run, on this machine: two ``torchrun --nnodes 2`` launchers meeting through c10d
 rendezvous (one process each), and two plain processes started as ``srun`` starts them (``SLURM_PROCID``,
 ``SLURM_LOCALID``, ``SLURM_NTASKS``, ``SLURM_JOB_NODELIST``; no ``MASTER_ADDR``), each logging the same losses and
-ending with the same weights as one ``--nproc_per_node 2`` launcher."""
+ending with the same weights as one ``--nproc_per_node 2`` launcher (the SLURM run with ``--ddp-static-graph``)."""
 
 import os
 import subprocess
@@ -35,12 +35,17 @@ def test_two_torchrun_nodes_match_one_launcher_of_two_processes(ref):
 def test_slurm_tasks_without_torchrun_match_one_launcher(ref):
     env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     env.update(SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(free_port()))
-    tasks = [subprocess.Popen([sys.executable, *ddp_args(ref["shards"], ref["zs"], ref["logs"], "slurm")],
+    tasks = [subprocess.Popen([sys.executable, *ddp_args(ref["shards"], ref["zs"], ref["logs"], "slurm",
+                                                         "--ddp-static-graph")],
                               env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     errs = [p.communicate(timeout=400)[1] for p in tasks]
     assert [p.returncode for p in tasks] == [0, 0], [e[-2000:] for e in errs]
-    assert "2 process(es) on cpu" in (ref["logs"] / "slurm" / "out.log").read_text()
+    log = (ref["logs"] / "slurm" / "out.log").read_text()
+    assert "2 process(es) on cpu" in log
+    # --ddp-static-graph, carried by this run: DDP's own attribute is logged; the losses equal the run without it
+    assert "DistributedDataParallel(static_graph=True)" in log
+    assert "DistributedDataParallel(static_graph=False)" in (ref["run"] / "out.log").read_text()
     assert_same_run(ref["logs"] / "slurm", ref["run"])
 
 
