@@ -6,9 +6,10 @@ checkpoint that only the bucket holds, and a store that cannot be reached refuse
 import json
 import os
 import shutil
+import subprocess
 
 import pytest
-from train_helpers import MODEL, _write_sources, final_weights, free_port, main_in_process
+from train_helpers import MAIN, MODEL, TORCHRUN, _env, _write_sources, final_weights, free_port, main_in_process
 
 boto3 = pytest.importorskip("boto3")
 moto_server = pytest.importorskip("moto.server")
@@ -126,3 +127,30 @@ def test_remote_sync_copies_in_the_background_before_close(store, tmp_path):
     (run / "results.jsonl").write_text("{}\n")
     sync.close()  # the last copy
     assert _keys(client, "runs", "bg/") == ["bg/run/checkpoints/step_1.pt", "bg/run/results.jsonl"]
+
+
+def test_each_node_fetches_the_checkpoint_into_its_own_run_folder(store, tmp_path):
+    """Two nodes without a shared disk (two ``torchrun --nnodes 2`` launchers, each with its own ``--logs-dir``):
+    with ``--resume auto`` each node's local rank 0 fetches the bucket's checkpoint before any rank looks for one."""
+    remote = ("--remote-sync", "s3://runs/nodes", "--save-every-n-steps", "0")
+    code, err = main_in_process(*_args(tmp_path / "first", *remote))  # one process, epoch 1 into the bucket
+    assert code == 0, err[-3000:]
+    steps = sum(store["sizes"].values()) // 8
+    port = free_port()
+
+    def node(rank):
+        argv = _args(tmp_path / f"node{rank}", *remote, "--epochs", "2", "--resume", "auto")
+        argv[argv.index("--logs")] = "--logs-dir"  # torchrun's parser takes --logs for its --logs-specs
+        return subprocess.Popen([str(TORCHRUN), "--nnodes", "2", "--nproc_per_node", "1", "--node-rank", str(rank),
+                                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id",
+                                 "diffclip-remote", str(MAIN), *argv], env=_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    launchers = [node(0), node(1)]
+    errs = [p.communicate(timeout=400)[1] for p in launchers]
+    assert [p.returncode for p in launchers] == [0, 0], [e[-2000:] for e in errs]
+    for rank in (0, 1):  # each node's own copy, fetched from the bucket
+        assert (tmp_path / f"node{rank}" / "r" / "checkpoints" / "epoch_1.pt").is_file()
+    records = [json.loads(line) for line in (tmp_path / "node0" / "r" / "results.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "resume"] == [steps]
+    assert max(r["step"] for r in records if r["type"] == "train") > steps  # epoch 2 trained by both ranks
