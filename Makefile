@@ -1,6 +1,6 @@
 # make test : create .venv, install the project with its test extras, lint, run the tests
 # make demo : the end-to-end demo (shards from real emoji data -> 2-process DDP training -> evaluation)
-# make study: the ablation study (CLIP vs DiffCLIP vs DiffCLIP* vs DiffCLIP†, 5 seeds) of studies/emoji_clipart.json
+# make study: the ablation study (CLIP vs DiffCLIP vs DiffCLIP* vs DiffCLIP†, 3 seeds) of studies/emoji_clipart.json
 # make constraints: rewrite constraints.txt (the exact versions CI tests) from a .venv made by `make venv`
 VENV ?= .venv
 PY := $(VENV)/bin/python
