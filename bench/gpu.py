@@ -9,7 +9,10 @@ and one Markdown table printed:
    under bf16 and fp16 autocast; peak memory above the inputs (``torch.cuda.max_memory_allocated``).
 2. ``train_step``: one contrastive step (forward, CLIP loss, backward, AdamW; ``bench/train_step.py``'s step) of
    ``DiffCLIP-ViT-B-16`` and open_clip's ``ViT-B-16`` at batch 128 under ``amp_bf16``, eager and
-   ``torch.compile``d, without and with patch dropout 0.5; peak memory above the weights and AdamW state.
+   ``torch.compile``d, without and with patch dropout 0.5; peak memory above the weights and AdamW state. By default
+   each transformer block is compiled on its own (PyTorch's regional compilation: the identical blocks of a tower
+   share one compiled graph, so the warm-up compiles a block per tower and shape, not the whole model per setting);
+   ``--compile-scope model`` compiles the whole model, one per patch-dropout setting.
 3. ``torchrun``: ``torchrun --standalone --nproc_per_node 1 training/main.py`` (NCCL) training
    ``DiffCLIP-ViT-B-16`` under ``amp_bf16`` on webdataset shards of synthetic images it writes first
    (``training/make_shards.py``'s writer); samples/s and step time from the run's ``results.jsonl``.
@@ -20,6 +23,7 @@ instead of NCCL): what the test suite runs, to keep this script working without 
 CUDA only.
 
     python bench/gpu.py [--out bench_gpu.json] [--device cuda] [--reps 10] [--quick] [--skip attention,...]
+                        [--no-compile | --compile-scope blocks|model]
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import torch
 from attention import candidates
 from attention import step as attention_step
 from PIL import Image
+from torch._dynamo.utils import counters
 from train_step import SUITES, make_inputs, make_optimizer, set_patch_dropout, sync, time_interleaved, train_step
 
 from diffclip.files import write_text
@@ -109,8 +114,28 @@ def bench_attention(s: dict, reps: int, device: str) -> list[dict]:
     return rows
 
 
-def bench_train_step(s: dict, reps: int, device: str, compile_: bool):
-    """Yields the rows of the eager pass, then those of the compiled pass."""
+#: what ``--compile-scope`` compiles: each transformer block (the default) or the whole model
+COMPILE_SCOPES = ("blocks", "model")
+
+
+def compile_blocks(model: torch.nn.Module, backend: str) -> int:
+    """``torch.compile`` every transformer block of ``model`` in place (``nn.Module.compile``): timm's
+    ``visual.blocks``, our and open_clip's ``resblocks``. PyTorch's regional compilation recipe: identical blocks
+    reuse one compiled graph. Returns how many blocks; raises ValueError where the model has none."""
+    n = 0
+    for name, mod in model.named_modules():
+        if name.rsplit(".", 1)[-1] in ("blocks", "resblocks"):
+            for blk in mod:
+                blk.compile(backend=backend)
+                n += 1
+    if not n:
+        raise ValueError(f"compile_blocks: {type(model).__name__} has no 'blocks' or 'resblocks' to compile")
+    return n
+
+
+def bench_train_step(s: dict, reps: int, device: str, compile_scope: str | None):
+    """Yields the rows of the eager pass, then those of the compiled pass (``compile_scope``: one of
+    :data:`COMPILE_SCOPES`, or None for eager only)."""
     suite = SUITES[s["suite"]]
     names = [k for k in suite["models"] if "(ours)" not in k]  # DiffCLIP and open_clip's model (not our twin)
     images, texts = make_inputs(s["step_batch"], suite["image_size"], suite["ctx"], device)
@@ -124,26 +149,30 @@ def bench_train_step(s: dict, reps: int, device: str, compile_: bool):
             m = copy.deepcopy(model) if p else model
             set_patch_dropout(m, p)
             variants[(k, p)] = m, make_optimizer(k, m)
-    for compiled in (False, True) if compile_ else (False,):
+    for compiled in (False, True) if compile_scope else (False,):
         rows, steps = [], {}
         for key, (model, opt) in variants.items():
-            # compiled: a graph per sequence length, hence a model per patch-dropout setting
-            fwd = torch.compile(model, backend=s["compile_backend"]) if compiled else model
+            fwd = model
+            if compiled and compile_scope == "model":  # a graph per sequence length: a model per patch-dropout setting
+                fwd = torch.compile(model, backend=s["compile_backend"])
+            elif compiled:  # in place, after the eager pass; the second sequence length recompiles once per block type
+                compile_blocks(model, s["compile_backend"])
 
             def run(fwd=fwd, opt=opt):
                 train_step(fwd, opt, loss_fn, images, texts, autocast=autocast)
 
             steps[key] = run
-        t0 = time.perf_counter()
+        graphs0, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
         for fn in steps.values():  # warm-up: AdamW state, compilation
             fn()
-        warm = time.perf_counter() - t0
+        warm, graphs = time.perf_counter() - t0, counters["stats"]["unique_graphs"] - graphs0
         times = time_interleaved(steps, reps, device)
         for (k, p), fn in steps.items():
             med = statistics.median(times[(k, p)])
             rows.append(dict(part="train_step", model=k, batch=s["step_batch"], precision="amp_bf16",
-                             compiled=compiled, patch_dropout=p, step_s=med, samples_per_s=s["step_batch"] / med,
-                             peak_mib=peak_mib(fn, device), warmup_s=warm))
+                             compiled=compiled, compile_scope=compile_scope if compiled else None,
+                             patch_dropout=p, step_s=med, samples_per_s=s["step_batch"] / med,
+                             peak_mib=peak_mib(fn, device), warmup_s=warm, graphs_compiled=graphs))
         del steps
         yield rows
 
@@ -210,7 +239,8 @@ def markdown(rows: list[dict]) -> str:
             out.append(f"| attention {r['shape']}, B={r['batch']} | {r['candidate']} | {r['dtype']} | "
                        f"{r['ms']:.2f} ms fwd+bwd | - | {_fmt(r['peak_mib'], '.0f')} |")
         elif r["part"] == "train_step":
-            setting = (f"{r['precision']}, {'compiled' if r['compiled'] else 'eager'}, patch dropout "
+            mode = f"compiled ({r.get('compile_scope') or 'model'})" if r["compiled"] else "eager"
+            setting = (f"{r['precision']}, {mode}, patch dropout "
                        f"{r['patch_dropout']:g}")
             out.append(f"| train step, batch {r['batch']} | {r['model']} | {setting} | {r['step_s'] * 1e3:.1f} ms | "
                        f"{r['samples_per_s']:.0f} | {_fmt(r['peak_mib'], '.0f')} |")
@@ -228,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="toy sizes (the test suite's CPU run)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per candidate (default 10; quick 2)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows of the training step")
+    ap.add_argument("--compile-scope", choices=COMPILE_SCOPES, default="blocks",
+                    help="torch.compile each transformer block (default: regional compilation) or the whole model")
     ap.add_argument("--skip", default="", help=f"comma-separated parts to skip, of {', '.join(PARTS)}")
     ap.add_argument("--out", default="bench_gpu.json", help="the JSON written (default bench_gpu.json)")
     args = ap.parse_args(argv)
@@ -256,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         if part == "attention":
             rows += bench_attention(s, reps, args.device)
         elif part == "train_step":
-            for chunk in bench_train_step(s, reps, args.device, not args.no_compile):
+            for chunk in bench_train_step(s, reps, args.device, None if args.no_compile else args.compile_scope):
                 rows += chunk
                 save()
         else:

@@ -26,6 +26,11 @@ def test_gpu_bench_runs_quick_on_cpu(tmp_path):
     assert {(r["model"], r["compiled"], r["patch_dropout"]) for r in steps} == {
         (m, c, p) for m in ("DiffCLIP-Tiny-64", "open_clip tiny (same shape)") for c in (False, True) for p in (0.0, 0.5)}
     assert all(r["step_s"] > 0 and r["precision"] == "amp_bf16" for r in steps)
+    # regional compilation (the default): the 10 blocks of each tower share a graph; the 0.5 models add one
+    # dynamic-length graph for the vision block. Per model 2 + 1, so 6 in all (0 if nothing compiled, 40 if each
+    # block compiled its own graph for each setting)
+    compiled = [r for r in steps if r["compiled"]]
+    assert {r["compile_scope"] for r in compiled} == {"blocks"} and {r["graphs_compiled"] for r in compiled} == {6}
     (run,) = [r for r in rows if r["part"] == "torchrun"]
     assert run["backend"] == "gloo" and run["steps"] == 3 and math.isfinite(run["loss"]) and run["samples_per_s"] > 0
     table = [line for line in proc.stdout.splitlines() if line.startswith("|")]

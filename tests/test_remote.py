@@ -138,8 +138,8 @@ def test_each_node_fetches_the_checkpoint_into_its_own_run_folder(store, tmp_pat
     steps = sum(store["sizes"].values()) // 8
     port = free_port()
 
-    def node(rank):
-        argv = _args(tmp_path / f"node{rank}", *remote, "--epochs", "2", "--resume", "auto")
+    def node(rank, epochs=2):
+        argv = _args(tmp_path / f"node{rank}", *remote, "--epochs", str(epochs), "--resume", "auto")
         argv[argv.index("--logs")] = "--logs-dir"  # torchrun's parser takes --logs for its --logs-specs
         return subprocess.Popen([str(TORCHRUN), "--nnodes", "2", "--nproc_per_node", "1", "--node-rank", str(rank),
                                  "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id",
@@ -154,3 +154,15 @@ def test_each_node_fetches_the_checkpoint_into_its_own_run_folder(store, tmp_pat
     records = [json.loads(line) for line in (tmp_path / "node0" / "r" / "results.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["type"] == "resume"] == [steps]
     assert max(r["step"] for r in records if r["type"] == "train") > steps  # epoch 2 trained by both ranks
+
+    # a requeue onto the same two nodes: node 0 kept epoch 2 (rank 0 writes), node 1 only the epoch 1 it fetched
+    # (a stale run folder): every rank stops with one line naming what each found, before any training
+    assert not (tmp_path / "node1" / "r" / "checkpoints" / "epoch_2.pt").exists()
+    port = free_port()
+    launchers = [node(0, epochs=3), node(1, epochs=3)]
+    errs = [p.communicate(timeout=400)[1] for p in launchers]
+    assert all(p.returncode != 0 for p in launchers)
+    line = "the ranks found different newest checkpoints"
+    assert any(line in e and "rank 0: epoch_2.pt" in e and "rank 1: epoch_1.pt" in e for e in errs), errs[0][-2000:]
+    records = [json.loads(x) for x in (tmp_path / "node0" / "r" / "results.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in records if r["type"] == "train") <= 2 * steps  # nothing of epoch 3 trained
