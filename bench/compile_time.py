@@ -3,7 +3,7 @@
 ``bench/gpu.py`` compiles each block by default (``--compile-scope blocks``); this measures, with inductor on the
 device given, the first two training steps (compilation included) of each model of a ``bench/train_step.py``
 suite compiled both ways, without and with patch dropout 0.5 (a second sequence length), plus the graphs compiled
-and the steady step time after. Each candidate in a fresh process (inductor's caches off), so neither reuses the
+and the step time after it (the patch-dropout 0.5 model, mean of 3). Each candidate in a fresh process (inductor's caches off), so neither reuses the
 other's work.
 
     python bench/compile_time.py [--suite Tiny-64] [--batch 8] [--device cpu]
@@ -27,7 +27,7 @@ def child(suite_name: str, scope: str, batch: int, device: str) -> dict:
 
     from diffclip.loss import ClipLoss
 
-    suite = SUITES[suite_name]
+    suite, loss_fn = SUITES[suite_name], ClipLoss()
     images, texts = make_inputs(batch, suite["image_size"], suite["ctx"], device)
     out = {}
     for name in [k for k in suite["models"] if "(ours)" not in k]:
@@ -41,11 +41,11 @@ def child(suite_name: str, scope: str, batch: int, device: str) -> dict:
                 compile_blocks(model, "inductor")
             opt = make_optimizer(name, model)
             for _ in range(2):
-                train_step(fwd, opt, ClipLoss(), images, texts)
+                train_step(fwd, opt, loss_fn, images, texts)
         warm = time.perf_counter() - t0
         t1 = time.perf_counter()
         for _ in range(3):
-            train_step(fwd, opt, ClipLoss(), images, texts)
+            train_step(fwd, opt, loss_fn, images, texts)
         out[name] = dict(warmup_s=warm, graphs=counters["stats"]["unique_graphs"] - g0,
                          step_s=(time.perf_counter() - t1) / 3)
     return out
@@ -70,7 +70,7 @@ def main() -> None:
             raise SystemExit(proc.stderr[-3000:])
         res[scope] = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"| {args.suite}, batch {args.batch}, {args.device} | compile scope | warm-up s (2 settings x 2 steps) | "
-          "graphs | step s after |\n|---|---|---|---|---|")
+          "graphs | step s after (patch dropout 0.5) |\n|---|---|---|---|---|")
     for name in res["model"]:
         for scope in ("model", "blocks"):
             r = res[scope][name]

@@ -36,3 +36,17 @@ def test_gpu_bench_runs_quick_on_cpu(tmp_path):
     table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
     assert table[0].startswith("| part |") and len(table) == 2 + len(rows)
     assert any("torchrun training/main.py" in line for line in table)
+
+
+def test_gpu_bench_compile_scope_model_compiles_the_whole_model_per_setting(tmp_path):
+    """``--compile-scope model`` (the whole-model compilation of the 2026-12-04 H200 run): one graph per model and
+    patch-dropout setting, 4 in all, where the default's blocks give 6."""
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, str(GPU_BENCH), "--device", "cpu", "--quick", "--skip", "attention,torchrun",
+                           "--compile-scope", "model", "--out", str(out)],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    compiled = [r for r in json.loads(out.read_text())["rows"] if r["part"] == "train_step" and r["compiled"]]
+    assert len(compiled) == 4 and {r["compile_scope"] for r in compiled} == {"model"}
+    assert {r["graphs_compiled"] for r in compiled} == {4}
+    assert sum("compiled (model)" in line for line in proc.stdout.splitlines()) == 4
